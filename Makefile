@@ -1,0 +1,37 @@
+# make serve: install if needed, build the default model, serve it with 2 API servers.
+# make test:  install if needed, run the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PORT ?= 8000
+# pip takes these two from local disk on the project's machines; pin them first so nothing
+# else drags in a different build.
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install serve test lint bench-ipc clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_PINS)
+	$(BIN)/python -m pip install -q -e '.[test]' $(TORCH_PINS)
+	touch $(STAMP)
+
+serve: install
+	$(BIN)/fanin serve --api-server-count 2 --port $(PORT)
+
+test: install
+	$(BIN)/python -m pytest tests
+
+lint: install
+	$(BIN)/ruff check apiserver engine_core ipc tests bench
+	$(BIN)/ruff format --check apiserver engine_core ipc tests bench
+
+bench-ipc: install
+	$(BIN)/python bench/ipc_bench.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,52 @@
+"""The engine core's configuration: built once by the launcher from the CLI, passed to the
+engine process as JSON, frozen. It lives in ``ipc`` because it is part of the contract between
+the launcher (``apiserver``) and the engine (``engine_core``), which never import each other.
+
+Each field's ``Meta(description=...)`` is its ``--flag`` help text: the CLI is built from
+these fields, so a setting is defined once.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+
+class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    model: Annotated[str, Meta(description="model directory (Hugging Face layout)")]
+    served_model_name: Annotated[str, Meta(description="model name clients use")] = ""
+    engine_address: Annotated[
+        str, Meta(description="ZeroMQ address the engine binds (set by the launcher)")
+    ] = ""
+    dtype: Annotated[
+        Literal["auto", "float32", "bfloat16", "float16"],
+        Meta(description="weight and activation dtype; auto = bfloat16 on CUDA, float32 on CPU"),
+    ] = "auto"
+    device: Annotated[
+        Literal["auto", "cpu", "cuda"], Meta(description="where the model runs")
+    ] = "auto"
+    max_model_len: Annotated[
+        int | None,
+        Meta(ge=16, description="longest prompt + output in tokens; default: the model's"),
+    ] = None
+    max_num_seqs: Annotated[
+        int, Meta(ge=1, description="most sequences running at once in the engine")
+    ] = 64
+    max_num_batched_tokens: Annotated[
+        int, Meta(ge=16, description="token budget of one engine step (prefill chunks + decodes)")
+    ] = 2048
+    gpu_memory_utilization: Annotated[
+        float, Meta(gt=0.0, le=1.0, description="fraction of GPU memory the engine may use")
+    ] = 0.9
+    cpu_kv_cache_bytes: Annotated[
+        int, Meta(ge=1 << 20, description="KV cache size in bytes when running on CPU")
+    ] = 1 << 30
+    encoder_cache_bytes: Annotated[
+        int, Meta(ge=0, description="byte budget of the image-encoder output cache")
+    ] = 256 << 20
+    seed: Annotated[int, Meta(description="seed of the engine's default random generator")] = 0
+    enable_chunked_prefill: Annotated[
+        bool, Meta(description="split long prompts over several engine steps")
+    ] = True
