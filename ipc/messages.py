@@ -146,6 +146,10 @@ class Ready(_Msg):
     supports_generation: bool
     eos_token_ids: list[int] = []
     engine_pid: int = 0
+    #: dtype the vision tower runs in; API servers cast pixel tensors to it before sending
+    #: (the smallest form that gives the engine exactly what it would compute with anyway).
+    pixel_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    image_token_id: int | None = None
 
 
 class EngineLoad(_Msg, frozen=True):

@@ -1,0 +1,32 @@
+"""Process hygiene shared by every fanin process: a name for ps/top, and dying with the parent.
+
+It lives in ``ipc`` because both sides of the wire need it and may import nothing else shared.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+
+import setproctitle
+
+_PR_SET_PDEATHSIG = 1
+
+
+def name_process(title: str) -> None:
+    """Show ``title`` in ps (command line) and top (comm, first 15 bytes)."""
+    setproctitle.setproctitle(title)
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask Linux to send ``sig`` to this process when its parent dies, so that a SIGKILLed
+    launcher leaves no orphan behind. Call it first thing in the child's main; if the parent
+    is already gone by then, exit at once."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: nothing to ask for
+        return
+    if os.getppid() == 1:
+        os.kill(os.getpid(), sig)
