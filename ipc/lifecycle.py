@@ -19,14 +19,15 @@ def name_process(title: str) -> None:
     setproctitle.setproctitle(title)
 
 
-def die_with_parent(sig: int = signal.SIGTERM) -> None:
+def die_with_parent(parent_pid: int, sig: int = signal.SIGTERM) -> None:
     """Ask Linux to send ``sig`` to this process when its parent dies, so that a SIGKILLed
-    launcher leaves no orphan behind. Call it first thing in the child's main; if the parent
-    is already gone by then, exit at once."""
+    launcher leaves no orphan behind. Call it first thing in the child's main with the pid the
+    parent passed down; if the parent is already gone by then, signal ourselves at once (a
+    parent check by pid, not ``ppid == 1``: the launcher may itself be pid 1 in a container)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
     except (OSError, AttributeError):  # not Linux: nothing to ask for
         return
-    if os.getppid() == 1:
+    if os.getppid() != parent_pid:
         os.kill(os.getpid(), sig)
