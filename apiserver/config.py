@@ -1,0 +1,82 @@
+"""The API servers' and launcher's configuration: built once by the CLI, frozen, handed to each
+API-server process as JSON. Each field's description is its ``--flag`` help text (the CLI is
+built from the fields of this struct and of ``ipc.config.EngineConfig``); fields whose help
+starts with "(internal)" are set by the launcher and get no flag.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta
+
+MiB = 1 << 20
+
+
+class ServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    host: Annotated[str, Meta(description="address to listen on")] = "127.0.0.1"
+    port: Annotated[int, Meta(ge=0, le=65535, description="TCP port to listen on")] = 8000
+    uds: Annotated[
+        str | None, Meta(description="listen on this Unix domain socket instead of host:port")
+    ] = None
+    api_key: Annotated[
+        str | None,
+        Meta(description="require 'Authorization: Bearer KEY' (also read from FANIN_API_KEY)"),
+    ] = None
+    served_model_name: Annotated[
+        str | None, Meta(description="model name in the API; default: the model path's last part")
+    ] = None
+    api_server_count: Annotated[
+        int, Meta(ge=1, le=256, description="number of API-server processes")
+    ] = 1
+    renderer_num_workers: Annotated[
+        int, Meta(ge=1, le=64, description="preprocessing threads per API server")
+    ] = 2
+    max_pending_renders: Annotated[
+        int, Meta(ge=1, description="requests waiting for a preprocessing thread before 429")
+    ] = 64
+    max_inflight_requests: Annotated[
+        int, Meta(ge=1, description="requests in flight per API server before 429")
+    ] = 1024
+    max_engine_waiting: Annotated[
+        int, Meta(ge=1, description="requests queued in the engine before new ones get 429")
+    ] = 1024
+    max_request_body_bytes: Annotated[
+        int, Meta(ge=1024, description="largest request body accepted (413 above)")
+    ] = 64 * MiB
+    max_media_bytes: Annotated[
+        int, Meta(ge=1024, description="largest image download or data: URL payload")
+    ] = 20 * MiB
+    max_image_pixels: Annotated[
+        int, Meta(ge=1, description="largest decoded image (width*height; decompression bombs)")
+    ] = 40_000_000
+    max_images_per_request: Annotated[int, Meta(ge=0, description="images per request")] = 8
+    allowed_media_domains: Annotated[
+        list[str] | None,
+        Meta(description="if set, http(s) images only from these domains (and subdomains)"),
+    ] = None
+    allowed_local_media_path: Annotated[
+        str | None, Meta(description="allow file:// image URLs under this directory")
+    ] = None
+    allow_private_media_urls: Annotated[
+        bool,
+        Meta(description="allow http(s) images from private, loopback and link-local addresses"),
+    ] = False
+    media_fetch_timeout: Annotated[
+        float, Meta(gt=0, description="seconds allowed for one image download")
+    ] = 10.0
+    request_timeout: Annotated[
+        float, Meta(gt=0, description="seconds before a request is aborted with 408")
+    ] = 600.0
+    shutdown_timeout: Annotated[
+        float, Meta(ge=0, description="seconds in-flight requests get to finish on SIGTERM")
+    ] = 30.0
+    engine_ready_timeout: Annotated[
+        float, Meta(gt=0, description="seconds to wait for the engine to load the model")
+    ] = 900.0
+    log_level: Annotated[str, Meta(description="debug, info, warning or error")] = "info"
+    engine_address: Annotated[str, Meta(description="(internal) engine ZeroMQ address")] = ""
+    metrics_dir: Annotated[
+        str, Meta(description="(internal) Prometheus multiprocess directory")
+    ] = ""
