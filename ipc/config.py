@@ -24,13 +24,15 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         Literal["auto", "float32", "bfloat16", "float16"],
         Meta(description="weight and activation dtype; auto = bfloat16 on CUDA, float32 on CPU"),
     ] = "auto"
-    device: Annotated[
-        Literal["auto", "cpu", "cuda"], Meta(description="where the model runs")
-    ] = "auto"
-    max_model_len: Annotated[
-        int | None,
-        Meta(ge=16, description="longest prompt + output in tokens; default: the model's"),
-    ] = None
+    device: Annotated[Literal["auto", "cpu", "cuda"], Meta(description="where the model runs")] = (
+        "auto"
+    )
+    max_model_len: (
+        Annotated[
+            int, Meta(ge=16, description="longest prompt + output in tokens; default: the model's")
+        ]
+        | None
+    ) = None
     max_num_seqs: Annotated[
         int, Meta(ge=1, description="most sequences running at once in the engine")
     ] = 64

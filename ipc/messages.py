@@ -133,7 +133,9 @@ class Hello(_Msg):
 
 
 class Ready(_Msg):
-    """READY: what API servers need to know about the engine, sent in answer to HELLO."""
+    """READY: what API servers need to know about the engine, sent in answer to HELLO.
+    ``model`` is the directory the engine loaded: API servers load the same tokenizer and
+    processor from it, so the two sides can never disagree on the vocabulary."""
 
     protocol_version: int
     model: str
