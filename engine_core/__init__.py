@@ -1,0 +1,1 @@
+"""The engine-core process: IO thread, busy loop, scheduler, sampler (model side in ``model/``)."""

@@ -1,0 +1,121 @@
+"""``python -m engine_core --config PATH [--parent-pid PID]``: the engine-core process.
+
+Exit status: 0 after SHUTDOWN or SIGTERM/SIGINT, 1 after a fatal error (every connected API
+server is sent ENGINE_DEAD first), 2 for a bad command line or config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import traceback
+from types import FrameType
+
+import msgspec
+import torch
+
+from engine_core.batch import RunnerFacts
+from engine_core.core import EngineCore
+from engine_core.io_thread import EngineIO, Inbound
+from engine_core.sampler import Sampler
+from ipc import messages
+from ipc.config import EngineConfig
+from ipc.lifecycle import die_with_parent, name_process
+
+logger = logging.getLogger("engine_core")
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m engine_core", description=__doc__)
+    parser.add_argument("--config", required=True, help="EngineConfig as JSON")
+    parser.add_argument("--parent-pid", type=int, default=None, help="exit when it dies")
+    return parser.parse_args(argv)
+
+
+def _load_config(path: str) -> EngineConfig:
+    with open(path, "rb") as f:
+        data = f.read()
+    config = msgspec.json.decode(data, type=EngineConfig)
+    if not config.engine_address:
+        raise ValueError("engine_address is empty")
+    return config
+
+
+def ready_message(config: EngineConfig, facts: RunnerFacts, device: torch.device) -> messages.Ready:
+    """READY facts for API servers, from what the runner learned at load time."""
+    dtype = config.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    return messages.Ready(
+        protocol_version=messages.PROTOCOL_VERSION,
+        model=config.model,
+        max_model_len=facts.max_model_len,
+        vocab_size=facts.vocab_size,
+        kv_capacity_tokens=facts.num_slots * facts.max_model_len,
+        max_num_seqs=min(config.max_num_seqs, facts.num_slots),
+        supports_images=facts.supports_images,
+        supports_embeddings=facts.supports_embeddings,
+        supports_generation=facts.supports_generation,
+        eos_token_ids=list(facts.eos_token_ids),
+        engine_pid=os.getpid(),
+        pixel_dtype=dtype,
+        image_token_id=facts.image_token_id,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the engine until SHUTDOWN, a signal, or a fatal error; return the exit status."""
+    args = _parse_args(argv)
+    if args.parent_pid is not None:
+        die_with_parent(args.parent_pid)
+    name_process("fanin-engine-core")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s engine-core %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config = _load_config(args.config)
+    except (OSError, ValueError, TypeError, msgspec.DecodeError) as exc:
+        logger.error("bad engine config %s: %s", args.config, exc)
+        return 2
+
+    # Signals only queue a SHUTDOWN: the loop stops between steps, and a blocked idle loop is
+    # woken by the queue itself (SimpleQueue.put is reentrant).
+    pending_signal: list[EngineIO] = []
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        if pending_signal:
+            reason = f"signal {signal.Signals(signum).name}"
+            pending_signal[0].inbox.put(Inbound(b"", messages.Shutdown(reason)))
+        else:
+            raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    from engine_core.model.runner import load_runner  # heavy import: after the fast checks
+
+    try:
+        runner = load_runner(config)
+        io = EngineIO(config.engine_address, ready_message(config, runner.facts, runner.device))
+    except Exception:  # no client is connected yet: the launcher sees the exit status
+        logger.error("engine startup failed:\n%s", traceback.format_exc())
+        return 1
+    pending_signal.append(io)
+    core = EngineCore(config, runner, Sampler(config.seed, runner.device), io)
+    io.start()
+    logger.info("serving %s at %s", runner.facts.model_name, config.engine_address)
+    try:
+        core.run()
+    except Exception as exc:
+        logger.error("fatal engine error:\n%s", traceback.format_exc())
+        io.close(messages.EngineDead(f"engine core failed: {exc!r}"))
+        return 1
+    io.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

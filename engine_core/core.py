@@ -1,0 +1,146 @@
+"""The busy loop: schedule -> execute -> sample -> emit, blocking on the inbox only when idle.
+
+Runs in the engine's main thread. It never touches the socket: ``EngineIO`` decodes what API
+servers send and encodes what this loop hands back. Errors that belong to one request become
+that request's error output (see ``Scheduler.add``); anything that escapes ``run`` is fatal and
+``engine_core.__main__`` turns it into ENGINE_DEAD for every client.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+from typing import Any, Protocol
+
+import msgspec
+
+from engine_core.batch import Chunk, RunnerFacts, StepResult
+from engine_core.io_thread import ClientGone, InboxEvent, IOFailed
+from engine_core.sampler import Sampler
+from engine_core.scheduler import ScheduledStep, Scheduler
+from ipc import messages
+from ipc.config import EngineConfig
+
+logger = logging.getLogger(__name__)
+
+
+class Runner(Protocol):
+    """What the loop needs of ``engine_core.model.runner.ModelRunner``."""
+
+    facts: RunnerFacts
+
+    def check_request(self, request: messages.EngineRequest) -> str | None: ...
+
+    def execute(self, chunks: list[Chunk]) -> StepResult: ...
+
+    def release(self, request_id: str) -> None: ...
+
+    def reset_encoder_cache(self) -> None: ...
+
+
+class Outbox(Protocol):
+    """What the loop needs of ``EngineIO``."""
+
+    inbox: queue.SimpleQueue[InboxEvent]
+
+    def send(self, client: bytes | None, msg: msgspec.Struct) -> None: ...
+
+    def set_load(self, load: messages.EngineLoad) -> None: ...
+
+
+class EngineFailed(RuntimeError):
+    """The engine cannot go on (raised out of ``EngineCore.run``)."""
+
+
+class EngineCore:
+    """One engine: a scheduler and sampler over a model runner, fed by an IO thread."""
+
+    def __init__(self, config: EngineConfig, runner: Runner, sampler: Sampler, io: Outbox) -> None:
+        self._runner = runner
+        self._sampler = sampler
+        self._io = io
+        self._pending: dict[bytes, list[messages.RequestOutput]] = {}
+        self.scheduler = Scheduler(config, runner.facts, runner, self._collect)
+
+    def run(self) -> None:
+        """Serve until SHUTDOWN (returns) or a fatal error (raises)."""
+        while True:
+            for event in self._events(block=not self.scheduler.has_work()):
+                if not self._handle(event):
+                    return
+            step = self.scheduler.schedule()
+            if step.chunks:
+                self._execute(step)
+            self._flush()
+
+    def _events(self, block: bool) -> list[InboxEvent]:
+        events = [self._io.inbox.get()] if block else []
+        while True:
+            try:
+                events.append(self._io.inbox.get_nowait())
+            except queue.Empty:
+                return events
+
+    def _handle(self, event: InboxEvent) -> bool:
+        """Apply one inbox event; False means stop serving."""
+        if isinstance(event, IOFailed):
+            raise EngineFailed(event.reason)
+        if isinstance(event, ClientGone):
+            self.scheduler.abort_client(event.client)
+            return True
+        msg = event.msg
+        if isinstance(msg, messages.EngineRequest):
+            self.scheduler.add(msg, event.client)
+        elif isinstance(msg, messages.AbortRequests):
+            self.scheduler.abort(msg.request_ids)
+        elif isinstance(msg, messages.Hello):
+            aborted = self.scheduler.abort_client(event.client)
+            if aborted:
+                logger.info(
+                    "client %r said HELLO again; aborted %d old requests",
+                    event.client,
+                    len(aborted),
+                )
+        elif isinstance(msg, messages.UtilityCall):
+            self._io.send(event.client, self._utility(msg))
+        elif isinstance(msg, messages.Shutdown):
+            logger.info("shutdown requested: %s", msg.reason or "no reason given")
+            return False
+        return True
+
+    def _utility(self, call: messages.UtilityCall) -> messages.UtilityResult:
+        result: dict[str, Any] = {}
+        try:
+            if call.op == "ping":
+                result = {"pong": True}
+            elif call.op == "stats":
+                result = self.scheduler.stats()
+            elif call.op == "reset_encoder_cache":
+                self._runner.reset_encoder_cache()
+        except Exception as exc:  # a failed utility call is that call's answer, not a crash
+            logger.exception("utility call %s failed", call.op)
+            return messages.UtilityResult(call.call_id, error=repr(exc))
+        return messages.UtilityResult(call.call_id, result)
+
+    def _execute(self, step: ScheduledStep) -> None:
+        result = self._runner.execute(step.chunks)
+        sampling_seqs = [s for c, s in zip(step.chunks, step.seqs, strict=True) if c.wants_logits]
+        tokens: list[int] = []
+        logprobs: list[messages.TokenLogprobs | None] = []
+        if sampling_seqs:
+            sampled = self._sampler.sample(
+                result.logits, sampling_seqs, self._runner.facts.eos_token_ids
+            )
+            tokens, logprobs = sampled.token_ids, sampled.logprobs
+        self.scheduler.update(step, tokens, logprobs, result.pooled)
+
+    def _collect(self, client: bytes, output: messages.RequestOutput) -> None:
+        self._pending.setdefault(client, []).append(output)
+
+    def _flush(self) -> None:
+        """One OutputBatch per client for this step, and the load snapshot for heartbeats."""
+        load = self.scheduler.load()
+        self._io.set_load(load)
+        for client, outputs in self._pending.items():
+            self._io.send(client, messages.OutputBatch(outputs, load))
+        self._pending = {}

@@ -1,0 +1,126 @@
+"""Attention over the per-slot KV cache, for a flat batch of chunks.
+
+Every chunk ``i`` has ``n_i`` new tokens of one sequence whose first ``start_i`` tokens are
+already cached in slot ``slot_i``. Query token ``j`` of the chunk sees keys ``0 .. start_i + j``
+(causal, aligned bottom-right). One call serves prefill chunks, decodes and mixes of both.
+
+CPU: SDPA per chunk over ``cache[slot, :start + n]``. CUDA: one FlashAttention-2 call over the
+flat cache view ``(num_slots * max_len, Hkv, D)`` with ``cum_seq_k = slot * max_len`` and
+``seqused_k = start + n``; FA2 aligns the causal mask bottom-right when ``seqused_k`` is given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class AttnMeta:
+    """Where each chunk's tokens sit: built once per step by the runner, read by every layer."""
+
+    slots: list[int]
+    starts: list[int]
+    lens: list[int]  # new tokens per chunk; the flat batch is their concatenation
+    #: (T,) int64 row of each new token in the flat cache view: slot * max_len + position
+    write_index: torch.Tensor
+    #: CUDA flash-op metadata (None on CPU): cum_seq_q (B+1,), cum_seq_k (B+1,), seqused_k (B,)
+    cum_seq_q: torch.Tensor | None = None
+    cum_seq_k: torch.Tensor | None = None
+    seqused_k: torch.Tensor | None = None
+    max_q: int = 0
+    max_k: int = 0
+
+
+def build_meta(
+    slots: list[int],
+    starts: list[int],
+    lens: list[int],
+    max_len: int,
+    device: torch.device,
+    use_flash: bool,
+) -> AttnMeta:
+    """Metadata for one step; the flash-op tensors only when ``use_flash``."""
+    rows = [
+        torch.arange(s * max_len + p, s * max_len + p + n)
+        for s, p, n in zip(slots, starts, lens, strict=True)
+    ]
+    meta = AttnMeta(slots, starts, lens, torch.cat(rows).to(device, non_blocking=True))
+    if use_flash:
+        q_off = [0]
+        for n in lens:
+            q_off.append(q_off[-1] + n)
+        # The last cum_seq_k entry is never read as a start when seqused_k is given.
+        k_off = [s * max_len for s in slots] + [0]
+        meta.cum_seq_q = torch.tensor(q_off, dtype=torch.int32).to(device, non_blocking=True)
+        meta.cum_seq_k = torch.tensor(k_off, dtype=torch.int32).to(device, non_blocking=True)
+        used = [p + n for p, n in zip(starts, lens, strict=True)]
+        meta.seqused_k = torch.tensor(used, dtype=torch.int32).to(device, non_blocking=True)
+        meta.max_q, meta.max_k = max(lens), max(used)
+    return meta
+
+
+def can_use_flash(device: torch.device, dtype: torch.dtype) -> bool:
+    """FlashAttention-2 runs on CUDA in fp16/bf16 only, and the op is private to torch: where
+    it is missing (or for float32) attention falls back to SDPA."""
+    has_op = hasattr(torch.ops.aten, "_flash_attention_forward")
+    return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and has_op
+
+
+def attend(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta, scale: float
+) -> torch.Tensor:
+    """q (T, Hq, D); caches (num_slots, max_len, Hkv, D), already holding this step's K/V.
+    Returns (T, Hq, D)."""
+    if meta.cum_seq_q is not None:
+        return _attend_flash(q, k_cache, v_cache, meta, scale)
+    return _attend_sdpa(q, k_cache, v_cache, meta, scale)
+
+
+def _attend_flash(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta, scale: float
+) -> torch.Tensor:
+    num_slots, max_len, hkv, d = k_cache.shape
+    out = torch.ops.aten._flash_attention_forward(
+        q,
+        k_cache.view(num_slots * max_len, hkv, d),
+        v_cache.view(num_slots * max_len, hkv, d),
+        meta.cum_seq_q,
+        meta.cum_seq_k,
+        meta.max_q,
+        meta.max_k,
+        0.0,
+        True,
+        False,
+        scale=scale,
+        seqused_k=meta.seqused_k,
+    )
+    return out[0]
+
+
+def _attend_sdpa(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta, scale: float
+) -> torch.Tensor:
+    outs = []
+    offset = 0
+    gqa = q.shape[1] != k_cache.shape[2]
+    for slot, start, n in zip(meta.slots, meta.starts, meta.lens, strict=True):
+        total = start + n
+        qi = q[offset : offset + n].transpose(0, 1)[None]  # (1, Hq, n, D)
+        ki = k_cache[slot, :total].transpose(0, 1)[None]  # (1, Hkv, total, D)
+        vi = v_cache[slot, :total].transpose(0, 1)[None]
+        if start == 0:
+            oi = F.scaled_dot_product_attention(
+                qi, ki, vi, is_causal=n > 1, scale=scale, enable_gqa=gqa
+            )
+        else:
+            # is_causal aligns top-left; the cached prefix needs a bottom-right mask.
+            mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(diagonal=start)
+            oi = F.scaled_dot_product_attention(
+                qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=gqa
+            )
+        outs.append(oi[0].transpose(0, 1))
+        offset += n
+    return torch.cat(outs)

@@ -1,0 +1,85 @@
+"""The encoder-only runner: BERT-family sentence-embedding models through HF ``AutoModel``.
+
+No KV cache and no generation: each pooling request is run whole in one chunk (the scheduler
+prefills pooling requests in one chunk) and pooled over its tokens. Normalisation is the
+caller's job.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import AutoModel
+
+from engine_core.batch import Chunk, RunnerFacts, StepResult
+from engine_core.model import checks
+from engine_core.model.errors import ModelLoadError
+from engine_core.model.runner import ModelRunner
+from engine_core.model.spec import ModelSpec
+from ipc.config import EngineConfig
+from ipc.messages import EngineRequest
+
+_POOLINGS = ("mean", "cls", "last")
+
+
+class EncoderRunner(ModelRunner):
+    def __init__(
+        self, config: EngineConfig, spec: ModelSpec, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        self.device, self.dtype = device, dtype
+        try:
+            self.model = AutoModel.from_pretrained(config.model, dtype=dtype, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"cannot load encoder model from {config.model}: {e}") from e
+        self.model.to(device).eval()
+        limit = int(getattr(spec.config, "max_position_embeddings", 512))
+        if config.max_model_len is not None and config.max_model_len > limit:
+            raise ModelLoadError(
+                f"max_model_len={config.max_model_len} exceeds the model's "
+                f"max_position_embeddings={limit}"
+            )
+        self.vocab_size = int(spec.config.vocab_size)
+        self.facts = RunnerFacts(
+            model_name=config.served_model_name or config.model,
+            max_model_len=config.max_model_len or limit,
+            vocab_size=self.vocab_size,
+            eos_token_ids=(),
+            num_slots=config.max_num_seqs,
+            supports_images=False,
+            supports_embeddings=True,
+            supports_generation=False,
+            image_token_id=None,
+        )
+
+    def check_request(self, request: EngineRequest) -> str | None:
+        return (
+            checks.check_kind(request, False, True, _POOLINGS)
+            or checks.check_tokens(request, self.vocab_size, self.facts.max_model_len)
+            or checks.check_images(request, None, 1, 0, ())
+        )
+
+    @torch.no_grad()
+    def execute(self, chunks: list[Chunk]) -> StepResult:
+        """Pad the chunks into one batch, run the encoder, pool each row over its mask."""
+        pooled: dict[str, np.ndarray] = {}
+        todo = [c for c in chunks if c.wants_pooled and c.request.pooling is not None]
+        if todo:
+            lens = [int(c.token_ids.size) for c in todo]
+            ids = torch.zeros(len(todo), max(lens), dtype=torch.int64)
+            mask = torch.zeros(len(todo), max(lens), dtype=torch.int64)
+            for i, (c, n) in enumerate(zip(todo, lens, strict=True)):
+                ids[i, :n] = torch.from_numpy(c.token_ids.astype(np.int64))
+                mask[i, :n] = 1
+            hidden = self.model(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
+            ).last_hidden_state.float()
+            weights = mask.to(self.device, torch.float32)[..., None]  # (B, L, 1)
+            means = (hidden * weights).sum(1) / weights.sum(1)
+            for i, (c, n) in enumerate(zip(todo, lens, strict=True)):
+                kind = c.request.pooling.pooling  # type: ignore[union-attr]
+                vec = means[i] if kind == "mean" else hidden[i, 0 if kind == "cls" else n - 1]
+                pooled[c.request.request_id] = vec.cpu().numpy()
+        return StepResult(logits=torch.empty(0, self.vocab_size), pooled=pooled)
+
+    def release(self, request_id: str) -> None:
+        """Nothing is kept per request."""

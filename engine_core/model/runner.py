@@ -1,0 +1,73 @@
+"""The model runner the scheduler drives: ``load_runner(config)`` and the ``ModelRunner`` API.
+
+``load_runner`` reads config.json and returns the decoder runner (Qwen2 / Qwen2.5 / Llama /
+Qwen2-VL / Qwen2.5-VL) or the encoder-only embedding runner (BERT family).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from engine_core.batch import Chunk, RunnerFacts, StepResult
+from engine_core.model.errors import ModelLoadError
+from engine_core.model.spec import read_spec
+from ipc.config import EngineConfig
+from ipc.messages import EngineRequest
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelRunner(ABC):
+    """Owns the weights, the KV cache and per-request model state."""
+
+    facts: RunnerFacts
+    device: torch.device
+
+    @abstractmethod
+    def check_request(self, request: EngineRequest) -> str | None:
+        """None if the engine can run ``request`` (and its per-request state is taken), else
+        the error message for the client (HTTP 400)."""
+
+    @abstractmethod
+    def execute(self, chunks: list[Chunk]) -> StepResult:
+        """Run one step: write each chunk's K/V into its slot, return the logits of chunks with
+        ``wants_logits`` (float32, in chunk order) and pooled states of ``wants_pooled``."""
+
+    @abstractmethod
+    def release(self, request_id: str) -> None:
+        """Drop per-request state (positions, encoder-cache pins); unknown ids are ignored."""
+
+    def reset_encoder_cache(self) -> None:  # noqa: B027 (a no-op where there is no cache)
+        """Forget cached image-encoder outputs that no running request holds."""
+
+
+def pick_device(config: EngineConfig) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("--device cuda was asked for but CUDA is not available")
+    if config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def pick_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
+    """``auto`` -> bfloat16 on CUDA, float32 on CPU."""
+    if config.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[config.dtype]
+
+
+def load_runner(config: EngineConfig) -> ModelRunner:
+    """Build the runner that fits the checkpoint in ``config.model``."""
+    spec = read_spec(config.model)
+    device = pick_device(config)
+    dtype = pick_dtype(config, device)
+    if spec.kind == "encoder":
+        from engine_core.model.bert import EncoderRunner
+
+        return EncoderRunner(config, spec, device, dtype)
+    from engine_core.model.decoder_runner import DecoderRunner
+
+    return DecoderRunner(config, spec, device, dtype)

@@ -1,0 +1,225 @@
+"""The busy loop and the IO thread together, in-process, over a real ROUTER/DEALER pair on
+ipc:// (the model is the scheduler tests' FakeRunner, so this runs in a second)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zmq
+from test_scheduler import FakeRunner, expected_tokens
+
+from engine_core.__main__ import ready_message
+from engine_core.batch import Chunk, StepResult
+from engine_core.core import EngineCore, EngineFailed
+from engine_core.io_thread import EngineIO
+from engine_core.sampler import Sampler
+from ipc import messages, transport
+from ipc.codec import Decoder, Encoder
+from ipc.config import EngineConfig
+
+POLL_MS = 10_000
+#: A generation that cannot finish while a test runs: only an abort ends it.
+LONG = 1_000_000
+
+
+class Client:
+    """One API server's DEALER, speaking through ipc.transport."""
+
+    def __init__(self, ctx: zmq.Context[Any], address: str, index: int) -> None:
+        self.sock = transport.connect_client_socket(ctx, address, index)
+        self.encoder, self.decoder = Encoder(), Decoder(messages.FROM_ENGINE)
+        self.index = index
+
+    def hello(self) -> messages.Ready:
+        hello = messages.Hello(client_index=self.index, pid=1)
+        return transport.handshake(self.sock, self.encoder, self.decoder, hello, 10.0)
+
+    def send(self, msg: Any) -> None:
+        transport.send(self.sock, self.encoder, msg)
+
+    def recv(self) -> Any:
+        assert self.sock.poll(POLL_MS), "no message from the engine"
+        return transport.recv(self.sock, self.decoder)
+
+    def utility(self, op: str, call_id: int = 1) -> dict[str, Any]:
+        self.send(messages.UtilityCall(call_id, op))  # type: ignore[arg-type]
+        while True:
+            msg = self.recv()
+            if isinstance(msg, messages.UtilityResult) and msg.call_id == call_id:
+                assert msg.error is None
+                return msg.result
+
+    def collect(self, request_ids: set[str]) -> dict[str, list[messages.RequestOutput]]:
+        """Outputs until every id in ``request_ids`` finished."""
+        got: dict[str, list[messages.RequestOutput]] = {}
+        open_ids = set(request_ids)
+        while open_ids:
+            msg = self.recv()
+            if not isinstance(msg, messages.OutputBatch):
+                continue
+            for out in msg.outputs:
+                got.setdefault(out.request_id, []).append(out)
+                if out.finish_reason is not None:
+                    open_ids.discard(out.request_id)
+        return got
+
+    def close(self, linger_ms: int = 0) -> None:
+        self.sock.close(linger=linger_ms)
+
+
+class Engine:
+    """EngineCore + EngineIO on a FakeRunner, the loop in a thread."""
+
+    def __init__(self, run_dir: Path, runner: FakeRunner) -> None:
+        self.address = transport.engine_address(str(run_dir))
+        self.config = EngineConfig(model="fake", engine_address=self.address)
+        self.io = EngineIO(self.address, ready_message(self.config, runner.facts, runner.device))
+        self.core = EngineCore(self.config, runner, Sampler(0, runner.device), self.io)  # type: ignore[arg-type]
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.io.start()
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.core.run()
+        except BaseException as exc:
+            self.error = exc
+            self.io.close(messages.EngineDead(f"engine core failed: {exc!r}"))
+        else:
+            self.io.close()
+
+
+@pytest.fixture
+def ctx() -> Iterator[zmq.Context[Any]]:
+    context: zmq.Context[Any] = zmq.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+@pytest.fixture
+def engine(tmp_path: Path, ctx: zmq.Context[Any]) -> Iterator[Engine]:
+    eng = Engine(tmp_path, FakeRunner(num_slots=4, max_model_len=2 * LONG))
+    yield eng
+    if eng.thread.is_alive():
+        closer = Client(ctx, eng.address, 99)
+        closer.send(messages.Shutdown("test over"))
+        closer.close(linger_ms=5000)  # let the SHUTDOWN leave before the socket goes
+        eng.thread.join(10)
+        assert not eng.thread.is_alive()
+
+
+def request(rid: str, prompt_len: int, max_tokens: int = 4, **kw: Any) -> messages.EngineRequest:
+    prompt = (np.arange(prompt_len, dtype=np.int32) * 7 + len(rid)) % 96
+    params = messages.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return messages.EngineRequest(rid, prompt, sampling=params, **kw)
+
+
+def test_handshake_outputs_and_utilities(engine: Engine, ctx: zmq.Context[Any]) -> None:
+    client = Client(ctx, engine.address, 0)
+    ready = client.hello()
+    assert (ready.vocab_size, ready.max_num_seqs, ready.kv_capacity_tokens) == (97, 4, 8 * LONG)
+    assert ready.pixel_dtype == "float32" and ready.eos_token_ids == [96]
+    for i, n in enumerate([5, 30, 11]):
+        client.send(request(f"r{i}", n, max_tokens=5))
+    got = client.collect({"r0", "r1", "r2"})
+    for i, n in enumerate([5, 30, 11]):
+        tokens = [t for o in got[f"r{i}"] for t in o.new_token_ids]
+        assert tokens == expected_tokens(n, f"r{i}", 5)
+        assert got[f"r{i}"][-1].finish_reason == "length"
+    assert client.utility("ping") == {"pong": True}
+    assert client.utility("stats", 2)["num_free_slots"] == 4
+    assert client.utility("reset_encoder_cache", 3) == {}
+    client.close()
+
+
+def test_corrupt_frames_and_bad_requests_do_not_kill(engine: Engine, ctx: zmq.Context[Any]) -> None:
+    client = Client(ctx, engine.address, 0)
+    client.hello()
+    client.sock.send_multipart([b"\x03", b"\xc1garbage"])
+    client.sock.send_multipart([b"\x7f"])
+    client.send(
+        messages.EngineRequest(
+            "bad", np.array([1, 500], np.int32), sampling=messages.SamplingParams()
+        )
+    )
+    client.send(request("good", 6))
+    got = client.collect({"bad", "good"})
+    assert got["bad"][-1].finish_reason == "error" and got["bad"][-1].error.status == 400  # type: ignore[union-attr]
+    assert got["good"][-1].finish_reason == "length"
+    assert client.utility("ping") == {"pong": True}
+    client.close()
+
+
+def test_idle_heartbeat_carries_load(engine: Engine, ctx: zmq.Context[Any]) -> None:
+    client = Client(ctx, engine.address, 0)
+    client.hello()
+    msg = client.recv()
+    assert isinstance(msg, messages.OutputBatch) and msg.outputs == []
+    assert msg.load == messages.EngineLoad(0, 0, 0.0)
+    client.close()
+
+
+def test_hello_again_aborts_the_old_requests(engine: Engine, ctx: zmq.Context[Any]) -> None:
+    old = Client(ctx, engine.address, 3)
+    old.hello()
+    old.send(request("long", 5, max_tokens=LONG))
+    assert _wait_running(old, 1)
+    old.close()
+    new = Client(ctx, engine.address, 3)
+    new.hello()
+    assert _wait_running(new, 0)
+    assert new.utility("stats", 7)["num_free_slots"] == 4
+    new.close()
+
+
+def test_gone_client_gets_its_requests_aborted(engine: Engine, ctx: zmq.Context[Any]) -> None:
+    watcher = Client(ctx, engine.address, 1)
+    watcher.hello()
+    doomed = Client(ctx, engine.address, 2)
+    doomed.hello()
+    doomed.send(request("orphan", 5, max_tokens=LONG))
+    assert _wait_running(watcher, 1)
+    doomed.close()  # its next output hits EHOSTUNREACH
+    assert _wait_running(watcher, 0)
+    watcher.close()
+
+
+def test_shutdown_stops_the_loop(engine: Engine, ctx: zmq.Context[Any]) -> None:
+    client = Client(ctx, engine.address, 0)
+    client.hello()
+    client.send(messages.Shutdown("bye"))
+    engine.thread.join(10)
+    assert not engine.thread.is_alive() and engine.error is None
+    client.close()
+
+
+class BrokenRunner(FakeRunner):
+    def execute(self, chunks: list[Chunk]) -> StepResult:
+        raise RuntimeError("GPU on fire")
+
+
+def test_fatal_error_sends_engine_dead(tmp_path: Path, ctx: zmq.Context[Any]) -> None:
+    eng = Engine(tmp_path, BrokenRunner())
+    client = Client(ctx, eng.address, 0)
+    client.hello()
+    client.send(request("doomed", 5))
+    while not isinstance(msg := client.recv(), messages.EngineDead):
+        pass
+    assert "GPU on fire" in msg.reason
+    eng.thread.join(10)
+    assert isinstance(eng.error, RuntimeError) and not isinstance(eng.error, EngineFailed)
+    client.close()
+
+
+def _wait_running(client: Client, count: int) -> bool:
+    """Poll the stats utility until ``count`` requests run (each call is a round trip)."""
+    for call_id in range(100, 10_000):
+        if client.utility("stats", call_id)["num_running"] == count:
+            return True
+    return False

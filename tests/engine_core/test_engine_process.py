@@ -1,0 +1,276 @@
+"""``python -m engine_core`` as a real process on the default model, driven over ZeroMQ through
+``ipc.transport`` the way API servers drive it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+import pytest
+import skimage.data
+import zmq
+from conftest import image_request
+from PIL import Image
+
+from bench.datasets import sharegpt_prompts
+from ipc import messages, transport
+from ipc.codec import Decoder, Encoder
+from ipc.config import EngineConfig
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+NEW_TOKENS = 16
+#: A generation that cannot finish while a test runs: only an abort ends it.
+LONG = 900
+POLL_MS = 60_000
+
+
+class Client:
+    """One API server's DEALER."""
+
+    def __init__(self, ctx: zmq.Context[Any], address: str, index: int) -> None:
+        self.sock = transport.connect_client_socket(ctx, address, index)
+        self.encoder, self.decoder = Encoder(), Decoder(messages.FROM_ENGINE)
+        self.index = index
+        self.call_id = 0
+
+    def hello(self, timeout_s: float = 120.0) -> messages.Ready:
+        hello = messages.Hello(client_index=self.index, pid=os.getpid())
+        return transport.handshake(self.sock, self.encoder, self.decoder, hello, timeout_s)
+
+    def send(self, msg: Any) -> None:
+        transport.send(self.sock, self.encoder, msg)
+
+    def recv(self) -> Any:
+        assert self.sock.poll(POLL_MS), "no message from the engine"
+        return transport.recv(self.sock, self.decoder)
+
+    def utility(self, op: str) -> dict[str, Any]:
+        self.call_id += 1
+        self.send(messages.UtilityCall(self.call_id, op))  # type: ignore[arg-type]
+        while True:
+            msg = self.recv()
+            if isinstance(msg, messages.UtilityResult) and msg.call_id == self.call_id:
+                assert msg.error is None
+                return msg.result
+
+    def wait_stats(self, predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+        """Poll the stats utility (each call a round trip, no sleeps) until ``predicate``."""
+        for _ in range(20_000):
+            stats = self.utility("stats")
+            if predicate(stats):
+                return stats
+        raise AssertionError(f"engine stats never matched; last {stats}")
+
+    def collect(self, request_ids: set[str]) -> dict[str, list[messages.RequestOutput]]:
+        got: dict[str, list[messages.RequestOutput]] = {}
+        open_ids = set(request_ids)
+        while open_ids:
+            msg = self.recv()
+            assert not isinstance(msg, messages.EngineDead), msg.reason
+            if isinstance(msg, messages.OutputBatch):
+                for out in msg.outputs:
+                    got.setdefault(out.request_id, []).append(out)
+                    if out.finish_reason is not None:
+                        open_ids.discard(out.request_id)
+        return got
+
+    def close(self, linger_ms: int = 0) -> None:
+        self.sock.close(linger=linger_ms)
+
+
+class EngineProcess:
+    def __init__(self, model_dir: Path, **overrides: Any) -> None:
+        self.run_dir = transport.make_run_dir("fanin-test-")
+        self.address = transport.engine_address(self.run_dir)
+        fields: dict[str, Any] = {
+            "max_model_len": 1024,
+            "max_num_seqs": 12,
+            "max_num_batched_tokens": 64,
+            "cpu_kv_cache_bytes": 64 << 20,
+        }
+        fields.update(overrides)
+        config = EngineConfig(model=str(model_dir), engine_address=self.address, **fields)
+        config_path = os.path.join(self.run_dir, "engine.json")
+        with open(config_path, "wb") as f:
+            f.write(msgspec.json.encode(config))
+        cmd = [sys.executable, "-m", "engine_core", "--config", config_path]
+        cmd += ["--parent-pid", str(os.getpid())]
+        self.proc = subprocess.Popen(cmd, cwd=REPO)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ctx() -> Iterator[zmq.Context[Any]]:
+    context: zmq.Context[Any] = zmq.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+@pytest.fixture(scope="module")
+def engine(default_model_dir: Path) -> Iterator[EngineProcess]:
+    proc = EngineProcess(default_model_dir)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def client(engine: EngineProcess, ctx: zmq.Context[Any]) -> Iterator[Client]:
+    c = Client(ctx, engine.address, 0)
+    try:
+        c.hello()
+        yield c
+    finally:
+        c.close()
+
+
+def text_request(rid: str, ids: np.ndarray, **params: Any) -> messages.EngineRequest:
+    sampling = messages.SamplingParams(**{"max_tokens": NEW_TOKENS, "temperature": 0.0, **params})
+    return messages.EngineRequest(rid, np.asarray(ids, dtype=np.int32), sampling=sampling)
+
+
+def tokens(outputs: list[messages.RequestOutput]) -> list[int]:
+    return [t for o in outputs for t in o.new_token_ids]
+
+
+def hf_greedy(hf_model: Any, encoded: Any) -> list[int]:
+    """HF generate, greedy; min_new_tokens masks EOS so both sides run the full length."""
+    import torch
+
+    inputs = {k: v for k, v in encoded.items() if k != "attention_mask"}
+    with torch.no_grad():
+        out = hf_model.generate(
+            **inputs, do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS
+        )
+    return out[0, encoded["input_ids"].shape[1] :].tolist()
+
+
+def test_greedy_batch_matches_hf_with_chunked_prefill(
+    client: Client, hf_model: Any, encode: Callable[..., Any]
+) -> None:
+    texts = sharegpt_prompts(8, min_chars=40, max_chars=1500)
+    prompts = [encode(t) for t in texts]
+    prompts.append(encode("What is in the cup?", [Image.fromarray(skimage.data.coffee())]))
+    image_id = hf_model.config.image_token_id
+    requests = []
+    for i, encoded in enumerate(prompts):
+        req = image_request(f"g{i}", encoded, image_id)
+        params = messages.SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+        requests.append(msgspec.structs.replace(req, sampling=params))
+    lengths = [len(r.prompt_token_ids) for r in requests]
+    assert max(lengths) > 64 * 3 and min(lengths) < 64  # prefill spans several steps
+    assert requests[-1].mm_items and requests[-1].mm_items[0].length > 64
+    for req in requests:
+        client.send(req)
+    got = client.collect({r.request_id for r in requests})
+    for req, encoded in zip(requests, prompts, strict=True):
+        outs = got[req.request_id]
+        assert outs[-1].finish_reason == "length"
+        assert outs[-1].num_prompt_tokens == len(req.prompt_token_ids)
+        assert tokens(outs) == hf_greedy(hf_model, encoded), req.request_id
+
+
+def test_bad_request_fails_alone(client: Client, default_model_dir: Path) -> None:
+    vocab = json.loads((default_model_dir / "config.json").read_text())
+    vocab_size = vocab.get("vocab_size") or vocab["text_config"]["vocab_size"]
+    client.send(text_request("ok-1", np.arange(10, 50)))
+    client.send(text_request("bad", np.array([5, vocab_size, 6])))
+    client.send(text_request("ok-2", np.arange(100, 120)))
+    client.send(text_request("too-long", np.arange(1, 1020), max_tokens=10))
+    got = client.collect({"ok-1", "bad", "ok-2", "too-long"})
+    for rid in ("bad", "too-long"):
+        out = got[rid][-1]
+        assert out.finish_reason == "error" and out.error is not None
+        assert out.error.status == 400
+    assert str(vocab_size) in got["bad"][-1].error.message  # type: ignore[union-attr]
+    assert "1019" in got["too-long"][-1].error.message  # type: ignore[union-attr]
+    for rid in ("ok-1", "ok-2"):
+        assert len(tokens(got[rid])) >= 1 and got[rid][-1].error is None
+
+
+def test_corrupt_frames_do_not_kill(client: Client) -> None:
+    client.sock.send_multipart([bytes([messages.Kind.ADD]), b"\xc1\xc1 not msgpack"])
+    client.sock.send_multipart([b"\xff", b""])
+    client.sock.send_multipart([bytes([messages.Kind.READY]), b"\x90"])  # wrong direction
+    assert client.utility("ping") == {"pong": True}
+
+
+def test_seeded_sampling_reproducible(client: Client) -> None:
+    prompt = np.arange(30, 70)
+    params = {"temperature": 1.0, "top_p": 0.9, "seed": 2024, "ignore_eos": True}
+    client.send(text_request("seed-a", prompt, **params))
+    first = tokens(client.collect({"seed-a"})["seed-a"])
+    # Second run shares its steps with unrelated sampled requests.
+    client.send(text_request("noise-1", np.arange(3, 90), temperature=1.0, ignore_eos=True))
+    client.send(text_request("seed-b", prompt, **params))
+    client.send(text_request("noise-2", np.arange(7, 20), temperature=0.7, ignore_eos=True))
+    second = tokens(client.collect({"seed-b", "noise-1", "noise-2"})["seed-b"])
+    assert first == second and len(first) == NEW_TOKENS
+    client.send(text_request("seed-c", prompt, **{**params, "seed": 7}))
+    assert tokens(client.collect({"seed-c"})["seed-c"]) != first
+
+
+def test_abort_frees_slot(client: Client) -> None:
+    full = client.utility("stats")
+    client.send(text_request("doomed", np.arange(1, 40), max_tokens=LONG, ignore_eos=True))
+    client.wait_stats(lambda s: s["num_running"] == 1)
+    client.send(messages.AbortRequests(["doomed", "never-existed"]))
+    stats = client.wait_stats(lambda s: s["num_running"] == 0 and s["num_waiting"] == 0)
+    assert stats["num_free_slots"] == full["num_free_slots"] == full["num_slots"]
+
+
+def test_reconnect_with_hello_aborts_old_requests(
+    engine: EngineProcess, ctx: zmq.Context[Any], client: Client
+) -> None:
+    old = Client(ctx, engine.address, 5)
+    old.hello()
+    old.send(text_request("orphan", np.arange(1, 30), max_tokens=LONG, ignore_eos=True))
+    old.wait_stats(lambda s: s["num_running"] == 1)
+    old.close()  # the API server died without a word
+    new = Client(ctx, engine.address, 5)
+    new.hello()
+    stats = new.wait_stats(lambda s: s["num_running"] == 0)
+    assert stats["num_free_slots"] == stats["num_slots"]
+    new.close()
+
+
+def test_heartbeat_when_idle(client: Client) -> None:
+    while True:
+        msg = client.recv()
+        if isinstance(msg, messages.OutputBatch) and not msg.outputs:
+            assert msg.load == messages.EngineLoad(0, 0, 0.0)
+            return
+
+
+@pytest.mark.parametrize("how", ["shutdown", "sigterm"])
+def test_stop_exits_zero(default_model_dir: Path, ctx: zmq.Context[Any], how: str) -> None:
+    proc = EngineProcess(default_model_dir)
+    try:
+        c = Client(ctx, proc.address, 0)
+        ready = c.hello()
+        assert ready.engine_pid == proc.proc.pid and ready.supports_images
+        c.send(text_request("busy", np.arange(1, 30), max_tokens=LONG, ignore_eos=True))
+        c.wait_stats(lambda s: s["num_running"] == 1)
+        if how == "shutdown":
+            c.send(messages.Shutdown("test"))
+        else:
+            proc.proc.send_signal(signal.SIGTERM)
+        assert proc.proc.wait(60) == 0
+        c.close()
+    finally:
+        proc.stop()
