@@ -1,0 +1,244 @@
+"""The ``fanin`` command: ``fanin serve [MODEL]``, ``fanin build-model DIR``, ``fanin --version``.
+
+The flags of ``serve`` are built from the fields of ``ServerConfig`` and ``EngineConfig`` (name,
+type, help and default come from the struct), so every setting is defined once. Values are
+validated by ``msgspec.convert`` into those structs: a bad value is a usage error (exit 2) that
+names the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+import types
+import typing
+from dataclasses import dataclass, replace
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from apiserver.config import ServerConfig
+from ipc.config import EngineConfig
+from ipc.lifecycle import name_process
+
+#: Fields the launcher fills in itself.
+LAUNCHER_FIELDS = frozenset({"engine_address", "metrics_dir", "model"})
+API_KEY_ENV = "FANIN_API_KEY"
+
+
+@dataclass(frozen=True)
+class Option:
+    """One ``serve`` flag and the config struct(s) its value goes to."""
+
+    name: str
+    kind: Any  # the field type without Annotated / None
+    default: Any
+    description: str
+    targets: tuple[type[msgspec.Struct], ...]
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _unwrap(annotation: Any) -> tuple[Any, str]:
+    """``Annotated[T | None, Meta(description=...)]`` -> (T, description)."""
+    description = ""
+    if typing.get_origin(annotation) is typing.Annotated:
+        annotation, *extras = typing.get_args(annotation)
+        for extra in extras:
+            if isinstance(extra, msgspec.Meta) and extra.description:
+                description = extra.description
+        return _unwrap(annotation)[0], description
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(members) == 1:
+            return _unwrap(members[0])
+    return annotation, description
+
+
+def serve_options() -> list[Option]:
+    """Every ``serve`` flag, in struct field order (server fields first)."""
+    options: dict[str, Option] = {}
+    for struct in (ServerConfig, EngineConfig):
+        hints = typing.get_type_hints(struct, include_extras=True)
+        for field in msgspec.structs.fields(struct):
+            kind, description = _unwrap(hints[field.name])
+            if field.name in LAUNCHER_FIELDS or description.startswith("(internal)"):
+                continue
+            if field.name in options:  # e.g. served_model_name: one flag feeds both structs
+                known = options[field.name]
+                options[field.name] = replace(known, targets=(*known.targets, struct))
+                continue
+            default = None if field.default is msgspec.NODEFAULT else field.default
+            options[field.name] = Option(field.name, kind, default, description, (struct,))
+    return list(options.values())
+
+
+def _add_option(group: argparse._ArgumentGroup, option: Option) -> None:
+    shown = option.default if option.default not in (None, "") else "unset"
+    kw: dict[str, Any] = {"default": argparse.SUPPRESS, "dest": option.name}
+    kw["help"] = f"{option.description} (default: {shown})"
+    kind = option.kind
+    if kind is bool:
+        kw["action"] = argparse.BooleanOptionalAction
+    elif typing.get_origin(kind) is Literal:
+        choices = typing.get_args(kind)
+        kw.update(choices=choices, type=type(choices[0]))
+    elif typing.get_origin(kind) is list:
+        # vLLM style: space-separated values; commas are accepted too.
+        kw.update(nargs="+", type=str, metavar="VALUE")
+    elif kind in (int, float, str):
+        kw["type"] = kind
+    else:
+        raise TypeError(f"no flag type for {option.name}: {kind!r}")
+    group.add_argument(option.flag, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole ``fanin`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="fanin", description="OpenAI-compatible server: N API servers, one engine core."
+    )
+    parser.add_argument("--version", action="version", version=f"fanin {_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser("serve", help="serve a model (default: the built-in tiny model)")
+    serve.add_argument(
+        "model",
+        nargs="?",
+        metavar="MODEL",
+        help="model directory (Hugging Face layout); omitted: build/serve the default model",
+    )
+    groups = {
+        ServerConfig: serve.add_argument_group("API server"),
+        EngineConfig: serve.add_argument_group("engine core"),
+    }
+    for option in serve_options():
+        _add_option(groups[option.targets[0]], option)
+    build = commands.add_parser("build-model", help="build the default tiny model into DIR")
+    build.add_argument("dir", metavar="DIR", help="folder to write the model to")
+    return parser
+
+
+def _version() -> str:
+    try:
+        return metadata.version("fanin")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def configs_from_args(
+    args: argparse.Namespace, model: str, env: typing.Mapping[str, str] | None = None
+) -> tuple[ServerConfig, EngineConfig]:
+    """Validated configs from parsed ``serve`` arguments. Raises ``ValueError`` naming the
+    flag for a bad value."""
+    env = os.environ if env is None else env
+    values: dict[type[msgspec.Struct], dict[str, Any]] = {ServerConfig: {}, EngineConfig: {}}
+    values[EngineConfig]["model"] = model
+    for option in serve_options():
+        if option.name not in vars(args):
+            continue
+        value = getattr(args, option.name)
+        if typing.get_origin(option.kind) is list:
+            value = [part for item in value for part in item.split(",") if part]
+        for struct in option.targets:
+            values[struct][option.name] = value
+    if "api_key" not in values[ServerConfig] and env.get(API_KEY_ENV):
+        values[ServerConfig]["api_key"] = env[API_KEY_ENV]
+    try:
+        server = msgspec.convert(values[ServerConfig], ServerConfig)
+        engine = msgspec.convert(values[EngineConfig], EngineConfig)
+    except msgspec.ValidationError as e:
+        raise ValueError(_name_flag(str(e))) from None
+    if not isinstance(logging.getLevelName(server.log_level.upper()), int):
+        raise ValueError(
+            f"--log-level: expected debug, info, warning or error, got {server.log_level!r}"
+        )
+    return server, engine
+
+
+def _name_flag(message: str) -> str:
+    """msgspec says ``... - at `$.max_num_seqs```; users typed ``--max-num-seqs``."""
+    match = re.search(r" - at `\$\.(\w+)[^`]*`$", message)
+    if not match:
+        return message
+    flag = "--" + match.group(1).replace("_", "-")
+    return f"{flag}: {message[: match.start()]}"
+
+
+def resolve_model(model: str | None) -> Path:
+    """The model directory to serve: the built default model, or a checked user directory.
+    Raises ``ModelDirError`` (a ``ValueError``) with a message naming the bad file."""
+    from apiserver import default_model  # heavy (transformers): only for `serve`
+
+    if model is None:
+        return default_model.ensure_default_model()
+    path = Path(model).expanduser()
+    if not path.exists() and not model.startswith((".", "/", "~")):
+        raise default_model.ModelDirError(
+            f"model {model!r} is not a directory. fanin cannot download from the Hugging Face "
+            "hub: fetch it first (e.g. `huggingface-cli download "
+            f"{model} --local-dir DIR`) and run `fanin serve DIR`"
+        )
+    default_model.check_model_dir(path)
+    return path.resolve()
+
+
+def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    try:
+        server, engine = configs_from_args(args, model=args.model or "")
+    except ValueError as e:
+        parser.error(str(e))
+    logging.basicConfig(
+        level=server.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from apiserver.launcher import Launcher
+    from apiserver.listener import LaunchError, bind_listener, remove_uds
+
+    name_process("fanin-launcher")
+    try:
+        # Bound before the model is checked or built: a port in use fails in milliseconds.
+        listener = bind_listener(server)
+    except LaunchError as e:
+        print(f"fanin: error: {e}", file=sys.stderr)
+        return 1
+    try:
+        model = resolve_model(args.model)
+    except ValueError as e:
+        listener.close()
+        remove_uds(server)
+        print(f"fanin: error: {e}", file=sys.stderr)
+        return 1
+    engine = msgspec.structs.replace(engine, model=str(model))
+    return Launcher(server, engine).run(listener)
+
+
+def _build_model(args: argparse.Namespace) -> int:
+    from apiserver.default_model import build_model
+
+    try:
+        path = build_model(Path(args.dir))
+    except OSError as e:
+        print(f"fanin: error: cannot build the model in {args.dir}: {e}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fanin`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(parser, args)
+    return _build_model(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

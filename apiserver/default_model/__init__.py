@@ -1,0 +1,15 @@
+"""The default model (a tiny random Qwen2-VL built locally) and checks for any model folder."""
+
+from __future__ import annotations
+
+from apiserver.default_model.build import build_model
+from apiserver.default_model.cache import default_model_dir, ensure_default_model
+from apiserver.default_model.checks import ModelDirError, check_model_dir
+
+__all__ = [
+    "ModelDirError",
+    "build_model",
+    "check_model_dir",
+    "default_model_dir",
+    "ensure_default_model",
+]

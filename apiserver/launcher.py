@@ -1,0 +1,301 @@
+"""`fanin serve`: bind the socket, start the engine core, spawn N API servers, supervise them.
+
+Order matters: the listening socket is bound first so that a port in use fails in
+milliseconds rather than after a model load; the engine must answer READY before any API
+server starts, so that servers never serve 503s during a cold start. Every exit path ends
+with no child left (children also ask for PDEATHSIG, which covers a SIGKILLed launcher).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import zmq
+from prometheus_client import multiprocess
+
+from apiserver.config import ServerConfig
+from apiserver.listener import describe_listener, remove_uds
+from apiserver.supervisor import Child, Events, respawn_delay, spawn
+from apiserver.systemd import notify
+from ipc import messages, transport
+from ipc.codec import Decoder, Encoder
+from ipc.config import EngineConfig
+
+logger = logging.getLogger("fanin.launcher")
+
+#: Client index of the launcher's own READY probe; no API server gets it (count <= 256).
+LAUNCHER_CLIENT_INDEX = 65535
+#: How long API servers get to answer in-flight requests with 503 after the engine died.
+ENGINE_DEATH_GRACE_S = 2.5
+#: Extra time over shutdown_timeout before stragglers are SIGKILLed.
+KILL_GRACE_S = 5.0
+#: How long the engine gets to exit after SIGTERM.
+ENGINE_STOP_TIMEOUT_S = 10.0
+#: A server that dies before it is ready, or this soon after start, is crash-looping.
+FAST_FAILURE_S = 1.0
+
+
+class Launcher:
+    """Owns every child process of one `fanin serve`. ``run()`` returns the exit code."""
+
+    def __init__(self, server: ServerConfig, engine: EngineConfig) -> None:
+        self.server_cfg = server
+        self.engine_cfg = engine
+        self.engine: Child | None = None
+        self.servers: dict[int, Child] = {}
+        self._fast_failures: dict[int, int] = {}
+        self._respawn_at: dict[int, float] = {}
+
+    def run(self, listener: socket.socket) -> int:
+        """Serve on ``listener`` (from ``bind_listener``; closed on return) until SIGTERM/SIGINT
+        (exit 0) or until the engine dies (exit 1)."""
+        logger.info("listening on %s", describe_listener(listener, self.server_cfg))
+        try:
+            run_dir = transport.make_run_dir()
+        except BaseException:
+            listener.close()
+            raise
+        logger.info("run dir %s", run_dir)
+        try:
+            self._write_configs(run_dir)
+            self.listen_fd = listener.fileno()
+            with Events() as events:
+                self.events = events
+                code = self._serve(listener.close)
+            logger.info("stopped (exit code %d)", code)
+            return code
+        finally:
+            self._kill_all()
+            listener.close()
+            remove_uds(self.server_cfg)
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+    def _write_configs(self, run_dir: str) -> None:
+        address = transport.engine_address(run_dir)
+        metrics_dir = os.path.join(run_dir, "metrics")
+        os.mkdir(metrics_dir, 0o700)
+        self.engine_cfg = msgspec.structs.replace(self.engine_cfg, engine_address=address)
+        self.server_cfg = msgspec.structs.replace(
+            self.server_cfg, engine_address=address, metrics_dir=metrics_dir
+        )
+        for name, cfg in (("engine.json", self.engine_cfg), ("server.json", self.server_cfg)):
+            with open(os.path.join(run_dir, name), "wb") as f:
+                f.write(msgspec.json.encode(cfg))
+        self.run_dir = run_dir
+
+    def _serve(self, close_listener: Callable[[], None]) -> int:
+        engine_cmd = [sys.executable, "-m", "engine_core", "--config"]
+        engine_cmd += [f"{self.run_dir}/engine.json", "--parent-pid", str(os.getpid())]
+        self.engine = spawn("engine core", engine_cmd)
+        self.events.watch(self.engine)
+        logger.info("engine core started (pid %d); waiting for READY", self.engine.pid)
+        code = self._wait_engine_ready(self.engine)
+        if code is not None:
+            return self._stop(code)
+        for index in range(self.server_cfg.api_server_count):
+            self._spawn_server(index)
+        code = self._wait_servers_ready()
+        if code is not None:
+            return self._stop(code)
+        status = f"{len(self.servers)} API server(s), engine core pid {self.engine.pid}"
+        notify("READY=1", f"MAINPID={os.getpid()}", f"STATUS=serving: {status}")
+        logger.info("ready: %s", status)
+        return self._supervise(close_listener)
+
+    # -- startup ---------------------------------------------------------------------------
+
+    def _wait_engine_ready(self, engine: Child) -> int | None:
+        """READY from the engine through our own HELLO, while watching the engine process and
+        signals. None when ready, else the exit code to stop with (after logging why)."""
+        ctx: zmq.Context[Any] = zmq.Context()
+        done_r, done_w = os.pipe2(os.O_CLOEXEC)
+        outcome: list[BaseException | messages.Ready] = []
+        timeout = self.server_cfg.engine_ready_timeout
+
+        def probe() -> None:
+            # zmq sockets belong to one thread: this one creates, uses and closes it.
+            try:
+                sock = transport.connect_client_socket(
+                    ctx, self.engine_cfg.engine_address, LAUNCHER_CLIENT_INDEX
+                )
+                try:
+                    hello = messages.Hello(client_index=LAUNCHER_CLIENT_INDEX, pid=os.getpid())
+                    dec = Decoder(messages.FROM_ENGINE)
+                    outcome.append(transport.handshake(sock, Encoder(), dec, hello, timeout))
+                finally:
+                    sock.close(linger=0)
+            except BaseException as e:  # reported to the main thread, which decides
+                outcome.append(e)
+            finally:
+                os.write(done_w, b"x")
+
+        thread = threading.Thread(target=probe, name="engine-ready-probe", daemon=True)
+        thread.start()
+        self.events.watch_fd(done_r, "probe")
+        try:
+            while not outcome:
+                for tag, obj in self.events.wait(None):
+                    if tag == "exit" and obj is engine:
+                        logger.error(
+                            "engine core exited with code %s before it was ready", engine.exit_code
+                        )
+                        return 1
+                    if tag == "signal":
+                        logger.info("%s during startup: stopping", _signal_name(obj))
+                        return 0
+            result = outcome[0]
+            if isinstance(result, messages.Ready):
+                logger.info(
+                    "engine ready: model %s, max_model_len %d", result.model, result.max_model_len
+                )
+                return None
+            if isinstance(result, TimeoutError):
+                logger.error("engine core not ready within %g s (engine_ready_timeout)", timeout)
+            else:
+                logger.error("engine handshake failed: %s", result)
+            return 1
+        finally:
+            # Terminating the context wakes the probe out of its poll (ETERM) if still waiting.
+            ctx.term()
+            thread.join()
+            self.events.unwatch_fd(done_r)
+            os.close(done_r)
+            os.close(done_w)
+
+    def _spawn_server(self, index: int) -> None:
+        cmd = [sys.executable, "-m", "apiserver.server", "--config", f"{self.run_dir}/server.json"]
+        cmd += ["--index", str(index), "--listen-fd", str(self.listen_fd)]
+        cmd += ["--ready-fd", "{ready_fd}", "--parent-pid", str(os.getpid())]
+        child = spawn(
+            f"api server {index}",
+            cmd,
+            env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": self.server_cfg.metrics_dir},
+            pass_fds=(self.listen_fd,),
+            with_ready_pipe=True,
+        )
+        self.servers[index] = child
+        self.events.watch(child)
+        logger.info("api server %d started (pid %d)", index, child.pid)
+
+    def _wait_servers_ready(self) -> int | None:
+        """None once every server wrote its ready byte, else the exit code to stop with."""
+        while not all(c.is_ready for c in self.servers.values()):
+            for tag, obj in self.events.wait(None):
+                if tag == "signal":
+                    logger.info("%s during startup: stopping", _signal_name(obj))
+                    return 0
+                if tag == "exit":
+                    assert isinstance(obj, Child)
+                    logger.error("%s exited with code %s during startup", obj.name, obj.exit_code)
+                    return 1
+        return None
+
+    # -- steady state ----------------------------------------------------------------------
+
+    def _supervise(self, close_listener: Callable[[], None]) -> int:
+        while True:
+            deadline = min(self._respawn_at.values(), default=None)
+            events = self.events.wait(deadline)
+            for tag, obj in events:
+                if tag == "signal":
+                    notify("STOPPING=1", f"STATUS=draining ({_signal_name(obj)})")
+                    logger.info("%s: draining", _signal_name(obj))
+                    close_listener()  # the servers stop accepting on their own SIGTERM
+                    return self._stop(0)
+                if tag == "exit" and obj is self.engine:
+                    logger.error("engine core died (exit code %s)", self.engine.exit_code)
+                    notify("STOPPING=1", "STATUS=engine core died")
+                    self._let_servers_fail_requests()
+                    return self._stop(1)
+                if tag == "exit":
+                    assert isinstance(obj, Child)
+                    self._schedule_respawn(obj)
+                if tag == "ready":
+                    assert isinstance(obj, Child)
+                    logger.info("%s ready (pid %d)", obj.name, obj.pid)
+            now = time.monotonic()
+            for index, due in list(self._respawn_at.items()):
+                if due <= now:
+                    del self._respawn_at[index]
+                    self._spawn_server(index)
+
+    def _schedule_respawn(self, child: Child) -> None:
+        index = next(i for i, c in self.servers.items() if c is child)
+        try:
+            multiprocess.mark_process_dead(child.pid, self.server_cfg.metrics_dir)
+        except OSError as e:
+            logger.warning("could not clean metrics of pid %d: %s", child.pid, e)
+        crashed_early = not child.is_ready or time.monotonic() - child.started < FAST_FAILURE_S
+        failures = self._fast_failures.get(index, 0) + 1 if crashed_early else 0
+        self._fast_failures[index] = failures
+        delay = respawn_delay(failures)
+        logger.warning(
+            "%s (pid %d) exited with code %s; respawning in %.2g s",
+            child.name,
+            child.pid,
+            child.exit_code,
+            delay,
+        )
+        self._respawn_at[index] = time.monotonic() + delay
+
+    def _let_servers_fail_requests(self) -> None:
+        """The servers see the engine's death themselves and answer 503; give them a moment
+        before they are stopped. A signal cuts the wait short."""
+        deadline = time.monotonic() + ENGINE_DEATH_GRACE_S
+        while time.monotonic() < deadline:
+            if any(tag == "signal" for tag, _ in self.events.wait(deadline)):
+                return
+
+    # -- shutdown --------------------------------------------------------------------------
+
+    def _stop(self, code: int) -> int:
+        """SIGTERM the API servers, let them drain, then stop the engine. A second SIGINT or
+        SIGTERM kills everything at once."""
+        self._respawn_at.clear()
+        grace = self.server_cfg.shutdown_timeout + KILL_GRACE_S
+        if not self._terminate([c for c in self.servers.values() if c.is_alive], grace):
+            return 1
+        engine = self.engine
+        if engine and engine.is_alive and not self._terminate([engine], ENGINE_STOP_TIMEOUT_S):
+            return 1
+        return code
+
+    def _terminate(self, children: list[Child], timeout: float) -> bool:
+        """SIGTERM ``children`` and wait for them, SIGKILL after ``timeout``. False when a
+        second signal asked for an immediate exit (``run`` then kills everything)."""
+        for child in children:
+            child.signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while any(c.is_alive for c in children):
+            events = self.events.wait(deadline)
+            if not events:
+                for child in children:
+                    if child.is_alive:
+                        logger.warning("%s did not stop in %g s: killing it", child.name, timeout)
+                        child.signal(signal.SIGKILL)
+                deadline = time.monotonic() + timeout
+            if any(tag == "signal" for tag, _ in events):
+                logger.warning("second signal: exiting now")
+                return False
+        return True
+
+    def _kill_all(self) -> None:
+        children = [c for c in (self.engine, *self.servers.values()) if c is not None]
+        for child in children:
+            if child.is_alive:
+                child.signal(signal.SIGKILL)
+                child.reap()
+
+
+def _signal_name(signum: object) -> str:
+    return signal.Signals(signum).name if isinstance(signum, int) else str(signum)

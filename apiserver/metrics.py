@@ -1,0 +1,52 @@
+"""Prometheus metrics of one API server. With ``PROMETHEUS_MULTIPROC_DIR`` set (the launcher
+sets it before this module is imported) every process writes its own mmap files and
+``/metrics`` sums them over all API servers."""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+REQUESTS = Counter("fanin_requests", "HTTP requests answered", ["endpoint", "status"])
+PROMPT_TOKENS = Counter("fanin_prompt_tokens", "prompt tokens of finished requests")
+GENERATION_TOKENS = Counter("fanin_generation_tokens", "tokens generated")
+TTFT = Histogram("fanin_time_to_first_token_seconds", "time to first token", buckets=_LATENCY)
+E2E = Histogram("fanin_e2e_request_latency_seconds", "request latency", buckets=_LATENCY)
+TPOT = Histogram("fanin_time_per_output_token_seconds", "time per output token", buckets=_FAST)
+RENDER = Histogram("fanin_render_seconds", "preprocessing time per request", buckets=_FAST)
+ENGINE_RUNNING = Gauge(
+    "fanin_engine_running", "requests running in the engine", multiprocess_mode="mostrecent"
+)
+ENGINE_WAITING = Gauge(
+    "fanin_engine_waiting", "requests waiting in the engine", multiprocess_mode="mostrecent"
+)
+INFLIGHT = Gauge(
+    "fanin_server_inflight", "requests in flight", ["server"], multiprocess_mode="livesum"
+)
+
+
+def render_latest() -> bytes:
+    """The text exposition of every process's metrics (blocking file reads: run off-loop)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+    return generate_latest(REGISTRY)
+
+
+def mark_dead(pid: int) -> None:
+    """Drop a finished process's live gauges from the sums."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.mark_process_dead(pid)

@@ -1,0 +1,150 @@
+"""Process entry of one API server:
+
+``python -m apiserver.server --config PATH --index I --listen-fd FD [--ready-fd FD]
+[--parent-pid PID]``
+
+Reads the ServerConfig JSON, connects to the engine (HELLO/READY), loads the model's tokenizer
+and processor, then serves the inherited listening socket with uvicorn (uvloop + httptools)
+and writes one byte to ``--ready-fd`` once it accepts. SIGTERM: uvicorn stops accepting and
+lets in-flight requests finish for ``shutdown_timeout`` seconds; the lifespan shutdown then
+aborts whatever is left in the engine; exit status 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import uvicorn
+import uvloop
+
+from apiserver.config import ServerConfig
+from ipc.lifecycle import die_with_parent, name_process
+
+log = logging.getLogger("apiserver")
+
+_HANDLED = (signal.SIGINT, signal.SIGTERM)
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="apiserver.server", description=__doc__)
+    p.add_argument("--config", required=True, help="ServerConfig JSON file")
+    p.add_argument("--index", type=int, required=True, help="this server's client index")
+    p.add_argument("--listen-fd", type=int, required=True, help="inherited listening socket")
+    p.add_argument("--ready-fd", type=int, help="write one byte here once serving")
+    p.add_argument("--parent-pid", type=int, help="exit when this process dies")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one API server until SIGTERM; returns the exit status."""
+    args = _parse_args(argv)
+    if args.parent_pid is not None:
+        die_with_parent(args.parent_pid)
+    name_process(f"fanin-api-server-{args.index}")
+    try:
+        config = msgspec.json.decode(Path(args.config).read_bytes(), type=ServerConfig)
+    except (OSError, msgspec.DecodeError) as exc:
+        print(f"apiserver: bad --config {args.config}: {exc}", file=sys.stderr)
+        return 2
+    if config.api_key is None and os.environ.get("FANIN_API_KEY"):
+        config = msgspec.structs.replace(config, api_key=os.environ["FANIN_API_KEY"])
+    if config.metrics_dir:
+        # prometheus_client picks its multiprocess mode when first imported (via apiserver.app).
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", config.metrics_dir)
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s api-server-{args.index} %(name)s: %(message)s",
+    )
+    sock = socket.socket(fileno=args.listen_fd)
+    try:
+        uvloop.run(_serve(config, args.index, sock, args.ready_fd))
+    except (TimeoutError, ConnectionError, OSError) as exc:
+        # No engine, an incompatible one, or no tokenizer at READY's model path.
+        log.error("cannot start: %s", exc)
+        return 1
+    finally:
+        from apiserver import metrics
+
+        metrics.mark_dead(os.getpid())
+    return 0
+
+
+async def _serve(
+    config: ServerConfig, index: int, sock: socket.socket, ready_fd: int | None
+) -> None:
+    # Imported here: they import prometheus_client, which must see PROMETHEUS_MULTIPROC_DIR.
+    from apiserver.admission import Admission
+    from apiserver.app import build_app
+    from apiserver.context import ServerContext
+    from apiserver.engine_client import EngineClient
+    from apiserver.media import MediaFetcher
+    from apiserver.renderer import Renderer
+
+    client = EngineClient(config.engine_address, index)
+    try:
+        ready = await client.start(config.engine_ready_timeout)
+        renderer = await asyncio.to_thread(Renderer.load, ready.model, ready, config)
+    except BaseException:
+        await client.close()
+        raise
+    name = config.served_model_name or os.path.basename(os.path.normpath(ready.model))
+    admission = Admission(
+        config.max_inflight_requests,
+        config.max_engine_waiting,
+        lambda: client.load.num_waiting,
+        lambda: renderer.is_full,
+    )
+    ctx = ServerContext(
+        config, index, name, ready, client, renderer, MediaFetcher(config), admission
+    )
+    uv_config = uvicorn.Config(
+        build_app(ctx),
+        loop="none",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_config=None,
+        log_level=config.log_level,
+        timeout_graceful_shutdown=config.shutdown_timeout,
+    )
+    await _ReadyServer(uv_config, ready_fd).serve(sockets=[sock])
+
+
+class _ReadyServer(uvicorn.Server):
+    """uvicorn's Server, telling the launcher once it accepts connections."""
+
+    def __init__(self, config: uvicorn.Config, ready_fd: int | None) -> None:
+        super().__init__(config)
+        self._ready_fd = ready_fd
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # uvicorn's own version re-raises SIGTERM after the graceful drain (so the process
+        # dies by the signal); a drained API server exits 0 instead.
+        handlers = {sig: signal.signal(sig, self.handle_exit) for sig in _HANDLED}
+        try:
+            yield
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started and self._ready_fd is not None:
+            os.write(self._ready_fd, b"1")
+            os.close(self._ready_fd)
+            self._ready_fd = None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

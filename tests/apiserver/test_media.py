@@ -1,0 +1,112 @@
+"""MediaFetcher's URL rules in-process: every redirect hop is checked, domains are matched
+exactly or as subdomains, sizes are capped. The network is an httpx MockTransport; name
+resolution is replaced so that public-looking names resolve where the test says."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import httpx
+import pytest
+
+from apiserver.config import ServerConfig
+from apiserver.errors import ApiError
+from apiserver.media import MAX_REDIRECTS, MediaBytes, MediaFetcher, decode_image
+
+ADDRESSES = {
+    "public.example": "93.184.216.34",
+    "cdn.public.example": "93.184.216.35",
+    "inside.example": "10.0.0.7",
+}
+
+
+@pytest.fixture
+def fake_dns(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def getaddrinfo(self: Any, host: str, port: int, **kw: Any) -> list[Any]:
+        ip = ADDRESSES.get(host, host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port))]
+
+    monkeypatch.setattr(asyncio.BaseEventLoop, "getaddrinfo", getaddrinfo)
+
+
+def redirecting(routes: dict[str, httpx.Response]) -> httpx.MockTransport:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return routes.get(str(request.url), httpx.Response(404))
+
+    return httpx.MockTransport(handler)
+
+
+def fetch(config: ServerConfig, transport: httpx.MockTransport, url: str) -> MediaBytes:
+    async def run() -> MediaBytes:
+        fetcher = MediaFetcher(config, transport)
+        try:
+            return await fetcher.fetch(url)
+        finally:
+            await fetcher.aclose()
+
+    return asyncio.run(run())
+
+
+def test_redirect_to_private_address_refused(fake_dns: None) -> None:
+    transport = redirecting(
+        {
+            "http://public.example/a.png": httpx.Response(
+                302, headers={"location": "http://inside.example/b.png"}
+            ),
+            "http://inside.example/b.png": httpx.Response(200, content=b"secret"),
+        }
+    )
+    with pytest.raises(ApiError, match="non-public"):
+        fetch(ServerConfig(), transport, "http://public.example/a.png")
+
+
+def test_redirects_followed_and_counted(fake_dns: None) -> None:
+    routes = {
+        f"http://public.example/{i}": httpx.Response(302, headers={"location": f"/{i + 1}"})
+        for i in range(MAX_REDIRECTS + 1)
+    }
+    routes["http://public.example/3"] = httpx.Response(200, content=b"image bytes")
+    assert (
+        fetch(ServerConfig(), redirecting(routes), "http://public.example/0").payload
+        == b"image bytes"
+    )
+    del routes["http://public.example/3"]
+    routes["http://public.example/3"] = httpx.Response(302, headers={"location": "/4"})
+    with pytest.raises(ApiError, match="redirects"):
+        fetch(ServerConfig(), redirecting(routes), "http://public.example/0")
+
+
+def test_domain_allowlist_on_every_hop(fake_dns: None) -> None:
+    config = ServerConfig(allowed_media_domains=["public.example"])
+    transport = redirecting(
+        {
+            "http://cdn.public.example/a": httpx.Response(200, content=b"ok"),
+            "http://public.example/r": httpx.Response(
+                301, headers={"location": "http://evil.test/x"}
+            ),
+        }
+    )
+    assert fetch(config, transport, "http://cdn.public.example/a").payload == b"ok"
+    with pytest.raises(ApiError, match="not allowed"):
+        fetch(config, transport, "http://notpublic.example/a")
+    with pytest.raises(ApiError, match="not allowed"):
+        fetch(config, transport, "http://public.example/r")
+
+
+def test_download_size_cap(fake_dns: None) -> None:
+    config = ServerConfig(max_media_bytes=4096)
+    transport = redirecting({"http://public.example/big": httpx.Response(200, content=b"x" * 5000)})
+    with pytest.raises(ApiError, match="larger than 4096"):
+        fetch(config, transport, "http://public.example/big")
+
+
+def test_data_url_rules() -> None:
+    config = ServerConfig(max_media_bytes=4096)
+    with pytest.raises(ApiError, match="data URL"):
+        fetch(config, redirecting({}), "data:text/plain;base64,aGVsbG8=")
+    with pytest.raises(ApiError, match="larger than"):
+        fetch(config, redirecting({}), "data:image/png;base64," + "A" * 8000)
+    with pytest.raises(ApiError, match="base64"):
+        decode_image(MediaBytes("!!!!", is_base64=True), 10)
