@@ -19,7 +19,7 @@ import torch
 
 from engine_core.batch import RunnerFacts
 from engine_core.core import EngineCore
-from engine_core.io_thread import EngineIO, Inbound
+from engine_core.io_thread import EngineIO
 from engine_core.sampler import Sampler
 from ipc import messages
 from ipc.config import EngineConfig
@@ -81,17 +81,19 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("bad engine config %s: %s", args.config, exc)
         return 2
 
-    # Signals only queue a SHUTDOWN: the loop stops between steps, and a blocked idle loop is
-    # woken by the queue itself (SimpleQueue.put is reentrant).
-    pending_signal: list[EngineIO] = []
+    # Until the IO thread runs, a signal ends the process at once (the handler runs in the main
+    # thread, busy loading the model). Afterwards the handler does nothing: the IO thread reads
+    # the signal from the wakeup fd and queues a SHUTDOWN, so the loop stops between steps.
+    io_started = False
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
-        if pending_signal:
-            reason = f"signal {signal.Signals(signum).name}"
-            pending_signal[0].inbox.put(Inbound(b"", messages.Shutdown(reason)))
-        else:
+        if not io_started:
             raise SystemExit(0)
 
+    signal_r, signal_w = os.pipe()
+    for fd in (signal_r, signal_w):
+        os.set_blocking(fd, False)
+    signal.set_wakeup_fd(signal_w, warn_on_full_buffer=False)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
@@ -99,13 +101,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         runner = load_runner(config)
-        io = EngineIO(config.engine_address, ready_message(config, runner.facts, runner.device))
+        ready = ready_message(config, runner.facts, runner.device)
+        io = EngineIO(config.engine_address, ready, signal_fd=signal_r)
     except Exception:  # no client is connected yet: the launcher sees the exit status
         logger.error("engine startup failed:\n%s", traceback.format_exc())
         return 1
-    pending_signal.append(io)
     core = EngineCore(config, runner, Sampler(config.seed, runner.device), io)
     io.start()
+    io_started = True
     logger.info("serving %s at %s", runner.facts.model_name, config.engine_address)
     try:
         core.run()

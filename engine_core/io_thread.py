@@ -5,6 +5,11 @@ HELLO with READY itself, so a (re)connecting API server gets its READY even whil
 runs, hands every other message to the busy loop through ``inbox``, sends what the busy loop
 queues, and heartbeats each connected API server (an empty OutputBatch with the latest load)
 whenever nothing else went to it for ``HEARTBEAT_S``.
+
+Signals reach the busy loop through here too: ``signal_fd`` is the read end of
+``signal.set_wakeup_fd``. A process-directed SIGTERM may be delivered to any thread (CUDA and
+torch start many), and a Python handler runs only once the main thread wakes, which an idle loop
+blocked on ``inbox`` never does; the wakeup fd is written whichever thread took the signal.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import errno
 import logging
 import os
 import queue
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -63,7 +69,7 @@ class EngineIO:
     """Owns the ROUTER in a daemon thread. ``send``/``set_load``/``close`` are for the busy loop;
     ``inbox`` (a SimpleQueue: ``put`` is safe from signal handlers) is what it reads."""
 
-    def __init__(self, address: str, ready: messages.Ready) -> None:
+    def __init__(self, address: str, ready: messages.Ready, signal_fd: int | None = None) -> None:
         self.inbox: queue.SimpleQueue[InboxEvent] = queue.SimpleQueue()
         self._ready = ready
         self._outbox: queue.SimpleQueue[tuple[bytes | None, msgspec.Struct] | None] = (
@@ -74,6 +80,7 @@ class EngineIO:
         self._sock = transport.bind_engine_socket(self._ctx, address)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
+        self._signal_fd = signal_fd
         self._clients: dict[bytes, float] = {}  # identity -> monotonic time of the last send
         self._linger_ms = 0
         self._thread = threading.Thread(target=self._run, name="engine-io", daemon=True)
@@ -111,6 +118,8 @@ class EngineIO:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        if self._signal_fd is not None:
+            poller.register(self._signal_fd, zmq.POLLIN)
         try:
             while True:
                 events = dict(poller.poll(HEARTBEAT_S * 500))
@@ -118,6 +127,8 @@ class EngineIO:
                     self._receive_all(encoder, decoder)
                 if self._wake_r in events:
                     os.read(self._wake_r, 4096)
+                if self._signal_fd in events:
+                    self._forward_signals()
                 if not self._send_all(encoder):
                     break
                 self._heartbeat(encoder)
@@ -127,6 +138,13 @@ class EngineIO:
         finally:
             self._sock.close(linger=self._linger_ms)
             self._ctx.term()
+
+    def _forward_signals(self) -> None:
+        assert self._signal_fd is not None
+        with contextlib.suppress(BlockingIOError):
+            for signum in os.read(self._signal_fd, 64):
+                reason = f"signal {signal.Signals(signum).name}"
+                self.inbox.put(Inbound(b"", messages.Shutdown(reason)))
 
     def _receive_all(self, encoder: Encoder, decoder: Decoder) -> None:
         while self._sock.poll(0):

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -257,20 +259,37 @@ def test_heartbeat_when_idle(client: Client) -> None:
             return
 
 
-@pytest.mark.parametrize("how", ["shutdown", "sigterm"])
+def _tgkill_other_thread(pid: int, signum: int) -> None:
+    """Deliver ``signum`` to a thread of ``pid`` other than its main thread, as the kernel may
+    do with a process-directed signal (torch and CUDA start many threads)."""
+    syscall_nr = {"x86_64": 234, "aarch64": 131}[platform.machine()]
+    tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid)
+    assert tids, "the engine runs no other thread"
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.syscall(syscall_nr, pid, tids[0], signum) == 0, ctypes.get_errno()
+
+
+@pytest.mark.parametrize("how", ["shutdown", "sigterm", "sigterm_to_another_thread_when_idle"])
 def test_stop_exits_zero(default_model_dir: Path, ctx: zmq.Context[Any], how: str) -> None:
     proc = EngineProcess(default_model_dir)
     try:
         c = Client(ctx, proc.address, 0)
         ready = c.hello()
         assert ready.engine_pid == proc.proc.pid and ready.supports_images
-        c.send(text_request("busy", np.arange(1, 30), max_tokens=LONG, ignore_eos=True))
-        c.wait_stats(lambda s: s["num_running"] == 1)
-        if how == "shutdown":
-            c.send(messages.Shutdown("test"))
+        # API servers load the tokenizer from READY's model directory.
+        assert ready.model == str(default_model_dir)
+        if how == "sigterm_to_another_thread_when_idle":
+            # The busy loop sleeps on its inbox: only the IO thread can wake it.
+            c.wait_stats(lambda s: s["num_running"] == 0)
+            _tgkill_other_thread(proc.proc.pid, signal.SIGTERM)
         else:
-            proc.proc.send_signal(signal.SIGTERM)
-        assert proc.proc.wait(60) == 0
+            c.send(text_request("busy", np.arange(1, 30), max_tokens=LONG, ignore_eos=True))
+            c.wait_stats(lambda s: s["num_running"] == 1)
+            if how == "shutdown":
+                c.send(messages.Shutdown("test"))
+            else:
+                proc.proc.send_signal(signal.SIGTERM)
+        assert proc.proc.wait(30) == 0
         c.close()
     finally:
         proc.stop()
