@@ -60,7 +60,9 @@ def bench_ours(args: argparse.Namespace) -> dict:
     vocab = runner.facts.vocab_size
     res: dict = {"decode": {}}
     # Prefill: several full-length prompts, one budget-sized step after another.
-    reqs = [make_request(f"p{i}", p, 1) for i, p in enumerate(prompts(4, args.prefill_len, vocab, 1))]
+    reqs = [
+        make_request(f"p{i}", p, 1) for i, p in enumerate(prompts(4, args.prefill_len, vocab, 1))
+    ]
     prefill(runner, reqs[:1], args.budget)  # warm-up
     release(runner, reqs[:1])
     t0 = sync_time()
@@ -68,7 +70,10 @@ def bench_ours(args: argparse.Namespace) -> dict:
     res["prefill_tok_s"] = 4 * args.prefill_len / (sync_time() - t0)
     release(runner, reqs)
     for b in args.batches:
-        reqs = [make_request(f"d{b}-{i}", p, args.steps) for i, p in enumerate(prompts(b, args.ctx, vocab, 2))]
+        reqs = [
+            make_request(f"d{b}-{i}", p, args.steps)
+            for i, p in enumerate(prompts(b, args.ctx, vocab, 2))
+        ]
         first = prefill(runner, reqs, args.budget)
         decode_greedy(runner, reqs, first, 4)  # warm-up at this batch size
         release(runner, reqs)
@@ -86,10 +91,20 @@ def bench_ours(args: argparse.Namespace) -> dict:
 def bench_hf(args: argparse.Namespace) -> tuple[dict, int, dict]:
     from transformers import AutoModelForImageTextToText
 
-    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.bfloat16).cuda().eval()
+    model = (
+        AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.bfloat16).cuda().eval()
+    )
     text = model.config.get_text_config()
-    weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "visual" not in n)
-    kv_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * 2
+    weight_bytes = sum(
+        p.numel() * p.element_size() for n, p in model.named_parameters() if "visual" not in n
+    )
+    kv_per_token = (
+        2
+        * text.num_hidden_layers
+        * text.num_key_value_heads
+        * (text.hidden_size // text.num_attention_heads)
+        * 2
+    )
     vocab = text.vocab_size
     res: dict = {"decode": {}}
     ids = torch.tensor(prompts(1, args.prefill_len, vocab, 1), device="cuda")
@@ -106,7 +121,9 @@ def bench_hf(args: argparse.Namespace) -> tuple[dict, int, dict]:
             t0 = sync_time()
             model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
             t1 = sync_time()
-            model.generate(ids, max_new_tokens=args.hf_steps + 1, min_new_tokens=args.hf_steps + 1, **kw)
+            model.generate(
+                ids, max_new_tokens=args.hf_steps + 1, min_new_tokens=args.hf_steps + 1, **kw
+            )
             step_s = ((sync_time() - t1) - (t1 - t0)) / args.hf_steps
             res["decode"][b] = {"ms_per_step": step_s * 1e3, "tok_s": b / step_s}
     del model
@@ -117,10 +134,16 @@ def bench_hf(args: argparse.Namespace) -> tuple[dict, int, dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
-    parser.add_argument("--batches", default="1,16,64", type=lambda s: [int(x) for x in s.split(",")])
-    parser.add_argument("--ctx", type=int, default=512, help="prompt tokens per sequence in decode runs")
+    parser.add_argument(
+        "--batches", default="1,16,64", type=lambda s: [int(x) for x in s.split(",")]
+    )
+    parser.add_argument(
+        "--ctx", type=int, default=512, help="prompt tokens per sequence in decode runs"
+    )
     parser.add_argument("--steps", type=int, default=64, help="decode steps timed")
-    parser.add_argument("--hf-steps", type=int, default=16, help="decode steps timed for HF generate")
+    parser.add_argument(
+        "--hf-steps", type=int, default=16, help="decode steps timed for HF generate"
+    )
     parser.add_argument("--prefill-len", type=int, default=2048)
     parser.add_argument("--budget", type=int, default=2048, help="max tokens per engine step")
     parser.add_argument("--out", type=pathlib.Path)
@@ -143,15 +166,24 @@ def main() -> None:
         "hf": hf,
         "floor_ms_per_step": floor,
     }
-    print(f"GPU {report['gpu']}, copy bandwidth {bw / 1e9:.0f} GB/s, weights {weight_bytes / 1e9:.2f} GB")
-    print(f"prefill tok/s: ours {ours['prefill_tok_s']:.0f}  HF {hf['prefill_tok_s']:.0f}  "
-          f"ratio {ours['prefill_tok_s'] / hf['prefill_tok_s']:.2f}x")
-    print("batch | ours ms/step | HF ms/step | floor ms/step | ours tok/s | HF tok/s | ours/HF | floor/ours")
+    gpu, gb = report["gpu"], weight_bytes / 1e9
+    print(f"GPU {gpu}, copy bandwidth {bw / 1e9:.0f} GB/s, weights {gb:.2f} GB")
+    print(
+        f"prefill tok/s: ours {ours['prefill_tok_s']:.0f}  HF {hf['prefill_tok_s']:.0f}  "
+        f"ratio {ours['prefill_tok_s'] / hf['prefill_tok_s']:.2f}x"
+    )
+    print(
+        "| batch | ours ms/step | HF ms/step | floor ms/step | ours tok/s | HF tok/s "
+        "| HF/ours | floor/ours |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for b in args.batches:
         o, h = ours["decode"][b], hf["decode"][b]
-        print(f"{b:5d} | {o['ms_per_step']:12.2f} | {h['ms_per_step']:10.2f} | {floor[b]:13.2f} | "
-              f"{o['tok_s']:10.0f} | {h['tok_s']:8.0f} | {h['ms_per_step'] / o['ms_per_step']:6.2f}x | "
-              f"{floor[b] / o['ms_per_step']:9.2f}")
+        print(
+            f"| {b} | {o['ms_per_step']:.2f} | {h['ms_per_step']:.2f} | {floor[b]:.2f} | "
+            f"{o['tok_s']:.0f} | {h['tok_s']:.0f} | {h['ms_per_step'] / o['ms_per_step']:.2f}x | "
+            f"{floor[b] / o['ms_per_step']:.2f} |"
+        )
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))
 

@@ -39,10 +39,14 @@ def hf_inputs(processor, text: str, image: Image.Image | None) -> dict:
     prompt = processor.apply_chat_template(
         [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
     )
-    return dict(processor(text=[prompt], images=[image] if image is not None else None, return_tensors="pt"))
+    return dict(
+        processor(text=[prompt], images=[image] if image is not None else None, return_tensors="pt")
+    )
 
 
-def to_request(i: int, inputs: dict, image_token_id: int, pixel_dtype: torch.dtype, steps: int) -> EngineRequest:
+def to_request(
+    i: int, inputs: dict, image_token_id: int, pixel_dtype: torch.dtype, steps: int
+) -> EngineRequest:
     ids = inputs["input_ids"][0].numpy().astype(np.int32)
     items = []
     if "pixel_values" in inputs:
@@ -92,36 +96,75 @@ def main() -> None:
     with torch.inference_mode():
         for x in inputs:
             x = {k: v.to(args.device) for k, v in x.items()}
-            out = hf.generate(**x, do_sample=False, max_new_tokens=args.new_tokens,
-                              min_new_tokens=args.new_tokens, eos_token_id=None, pad_token_id=0)
-            want.append(out[0, x["input_ids"].shape[1]:].tolist())
+            out = hf.generate(
+                **x,
+                do_sample=False,
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+            want.append(out[0, x["input_ids"].shape[1] :].tolist())
 
-    config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
-                          max_num_seqs=len(inputs), max_num_batched_tokens=args.budget,
-                          max_model_len=max(x["input_ids"].shape[1] for x in inputs) + args.new_tokens + 8)
+    config = EngineConfig(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        max_num_seqs=len(inputs),
+        max_num_batched_tokens=args.budget,
+        max_model_len=max(x["input_ids"].shape[1] for x in inputs) + args.new_tokens + 8,
+    )
     runner = load_runner(config)
-    requests = [to_request(i, x, image_token_id, dtype, args.new_tokens) for i, x in enumerate(inputs)]
+    requests = [
+        to_request(i, x, image_token_id, dtype, args.new_tokens) for i, x in enumerate(inputs)
+    ]
     got = decode_greedy(runner, requests, prefill(runner, requests, args.budget), args.new_tokens)
 
     matched_tokens = 0
     with torch.inference_mode():
-        for x, w, g in zip(inputs, want, got):
-            k = next((j for j, (a, b) in enumerate(zip(w, g)) if a != b), len(w))
+        for x, w, g in zip(inputs, want, got, strict=True):
+            k = next((j for j, (a, b) in enumerate(zip(w, g, strict=True)) if a != b), len(w))
             matched_tokens += k
-            if k < len(w):  # HF's top-2 gap at the first divergence, teacher-forced on the common prefix
-                ids = torch.cat([x["input_ids"][0], torch.tensor(w[:k])])[None].to(args.device)
-                extra = {k2: v.to(args.device) for k2, v in x.items() if k2 not in ("input_ids", "attention_mask")}
+            # HF's top-2 gap at the first divergence, teacher-forced on the common prefix.
+            if k < len(w):
+                ids = torch.cat([x["input_ids"][0], torch.tensor(w[:k], dtype=torch.long)])[
+                    None
+                ].to(args.device)
+                extra = {
+                    k2: v.to(args.device)
+                    for k2, v in x.items()
+                    if k2 not in ("input_ids", "attention_mask")
+                }
                 if "mm_token_type_ids" in extra:
                     extra["mm_token_type_ids"] = torch.cat(
-                        [extra["mm_token_type_ids"], torch.zeros((1, k), dtype=extra["mm_token_type_ids"].dtype, device=args.device)], 1)
+                        [
+                            extra["mm_token_type_ids"],
+                            torch.zeros(
+                                (1, k), dtype=extra["mm_token_type_ids"].dtype, device=args.device
+                            ),
+                        ],
+                        1,
+                    )
                 logits = hf(input_ids=ids, **extra).logits[0, -1].float()
                 top = logits.topk(2)
-                gaps.append({"position": k, "hf": w[k], "ours": g[k], "top2_gap": float(top.values[0] - top.values[1]),
-                             "ours_logit_gap": float(logits[w[k]] - logits[g[k]])})
-    exact = sum(w == g for w, g in zip(want, got))
-    report = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "dtype": args.dtype,
-              "sequences": len(want), "exact_sequences": exact,
-              "token_match_rate": matched_tokens / sum(len(w) for w in want), "mismatches": gaps}
+                gaps.append(
+                    {
+                        "position": k,
+                        "hf": w[k],
+                        "ours": g[k],
+                        "top2_gap": float(top.values[0] - top.values[1]),
+                        "ours_logit_gap": float(logits[w[k]] - logits[g[k]]),
+                    }
+                )
+    exact = sum(w == g for w, g in zip(want, got, strict=True))
+    report = {
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "dtype": args.dtype,
+        "sequences": len(want),
+        "exact_sequences": exact,
+        "token_match_rate": matched_tokens / sum(len(w) for w in want),
+        "mismatches": gaps,
+    }
     print(json.dumps(report, indent=1))
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))

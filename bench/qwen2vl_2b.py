@@ -26,7 +26,12 @@ def build_2b(out_dir: pathlib.Path, device: str = "cuda") -> pathlib.Path:
         processor = AutoProcessor.from_pretrained(small)
     special = {
         k: getattr(small_cfg, k)
-        for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+        for k in (
+            "image_token_id",
+            "video_token_id",
+            "vision_start_token_id",
+            "vision_end_token_id",
+        )
     }
     eos = small_cfg.text_config.eos_token_id
     config = Qwen2VLConfig(
@@ -39,7 +44,11 @@ def build_2b(out_dir: pathlib.Path, device: str = "cuda") -> pathlib.Path:
             num_key_value_heads=2,
             max_position_embeddings=32768,
             rms_norm_eps=1e-6,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 1e6,
+                "mrope_section": [16, 24, 24],
+            },
             eos_token_id=eos,
             tie_word_embeddings=True,
         ),

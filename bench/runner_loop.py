@@ -11,7 +11,9 @@ from engine_core.model.runner import ModelRunner
 from ipc.messages import EngineRequest, SamplingParams
 
 
-def make_request(request_id: str, token_ids: list[int] | np.ndarray, max_tokens: int) -> EngineRequest:
+def make_request(
+    request_id: str, token_ids: list[int] | np.ndarray, max_tokens: int
+) -> EngineRequest:
     return EngineRequest(
         request_id=request_id,
         prompt_token_ids=np.asarray(token_ids, dtype=np.int32),
@@ -28,14 +30,18 @@ def prefill(runner: ModelRunner, requests: list[EngineRequest], budget: int) -> 
             raise ValueError(error)
     done = [0] * len(requests)
     last: dict[int, torch.Tensor] = {}
-    while any(d < len(r.prompt_token_ids) for d, r in zip(done, requests)):
+    while any(d < len(r.prompt_token_ids) for d, r in zip(done, requests, strict=True)):
         chunks, owners, left = [], [], budget
         for i, r in enumerate(requests):
             n = min(len(r.prompt_token_ids) - done[i], left)
             if n <= 0:
                 continue
             end = done[i] + n
-            chunks.append(Chunk(r, i, done[i], r.prompt_token_ids[done[i] : end], end == len(r.prompt_token_ids)))
+            chunks.append(
+                Chunk(
+                    r, i, done[i], r.prompt_token_ids[done[i] : end], end == len(r.prompt_token_ids)
+                )
+            )
             if end == len(r.prompt_token_ids):
                 owners.append(i)
             done[i], left = end, left - n
@@ -52,7 +58,13 @@ def decode_greedy(
     out = [[int(t)] for t in first.argmax(-1).tolist()]
     for _ in range(steps - 1):
         chunks = [
-            Chunk(r, i, len(r.prompt_token_ids) + len(out[i]) - 1, np.asarray(out[i][-1:], np.int32), True)
+            Chunk(
+                r,
+                i,
+                len(r.prompt_token_ids) + len(out[i]) - 1,
+                np.asarray(out[i][-1:], np.int32),
+                True,
+            )
             for i, r in enumerate(requests)
         ]
         for i, t in enumerate(runner.execute(chunks).logits.argmax(-1).tolist()):
