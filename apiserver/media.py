@@ -4,8 +4,9 @@ decode step (run on a render worker thread, never on the event loop).
 
 http(s) safety: every hop's host is resolved here and each address checked with ``ipaddress``
 before any connection; redirects are followed by hand (at most ``MAX_REDIRECTS``) so each hop
-is checked again. Residual risk: httpx resolves the name once more when connecting, so a DNS
-server that answers differently within milliseconds (rebinding) is not caught.
+is checked again. The connection then goes to the address that was checked, not to the name
+(the URL carries the IP; ``Host`` and TLS SNI/certificate checks keep the name): resolving the
+name a second time would let a DNS server answer differently the second time (rebinding).
 """
 
 from __future__ import annotations
@@ -104,9 +105,14 @@ class MediaFetcher:
 
     async def _http(self, url: str) -> bytes:
         for _ in range(MAX_REDIRECTS + 1):
-            await self._check_host(url)
+            address = await self._check_host(url)
             try:
-                async with self._client.stream("GET", url) as resp:
+                request = self._client.build_request("GET", url)  # Host header: the name
+                if address is not None:
+                    request.extensions["sni_hostname"] = request.url.raw_host.decode("ascii")
+                    request.url = request.url.copy_with(host=address)
+                resp = await self._client.send(request, stream=True)
+                try:
                     if resp.is_redirect and "location" in resp.headers:
                         url = urljoin(url, resp.headers["location"])
                         continue
@@ -119,14 +125,22 @@ class MediaFetcher:
                         data += chunk
                         self._check_size(len(data))
                     return bytes(data)
-            except httpx.HTTPError as exc:
+                finally:
+                    await resp.aclose()
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:
                 raise ApiError(
                     400, f"cannot fetch image: {type(exc).__name__}", param="image_url"
                 ) from None
         raise ApiError(400, f"more than {MAX_REDIRECTS} redirects", param="image_url")
 
-    async def _check_host(self, url: str) -> None:
-        parts = urlsplit(url)
+    async def _check_host(self, url: str) -> str | None:
+        """Refuse ``url``'s host unless allowed; return the checked address to connect to, or
+        None when private addresses are allowed (then the name is resolved as usual)."""
+        try:
+            parts = urlsplit(url)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            raise ApiError(400, "image URL is malformed", param="image_url") from None
         host = (parts.hostname or "").lower()
         if parts.scheme not in ("http", "https") or not host:
             raise ApiError(400, "redirect to a non-http(s) URL refused", param="image_url")
@@ -134,20 +148,20 @@ class MediaFetcher:
         if allowed is not None and not any(host == d or host.endswith("." + d) for d in allowed):
             raise ApiError(400, f"image domain {host!r} is not allowed", param="image_url")
         if self._config.allow_private_media_urls:
-            return
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+            return None
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(
                 host, port, type=socket.SOCK_STREAM
             )
         except OSError:
             raise ApiError(400, f"cannot resolve image host {host!r}", param="image_url") from None
-        for info in infos:
-            addr = ipaddress.ip_address(info[4][0].split("%", 1)[0])
+        addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+        for addr in addresses:
             if not addr.is_global or addr.is_multicast:
                 raise ApiError(
                     400, f"image host {host!r} resolves to a non-public address", param="image_url"
                 )
+        return str(addresses[0])
 
     def _check_size(self, n: int) -> None:
         if n > self._config.max_media_bytes:

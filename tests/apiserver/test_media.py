@@ -33,7 +33,9 @@ def fake_dns(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def redirecting(routes: dict[str, httpx.Response]) -> httpx.MockTransport:
     def handler(request: httpx.Request) -> httpx.Response:
-        return routes.get(str(request.url), httpx.Response(404))
+        # The fetcher connects to the checked address; the name travels in the Host header.
+        url = f"{request.url.scheme}://{request.headers['host']}{request.url.raw_path.decode()}"
+        return routes.get(url, httpx.Response(404))
 
     return httpx.MockTransport(handler)
 
@@ -60,6 +62,34 @@ def test_redirect_to_private_address_refused(fake_dns: None) -> None:
     )
     with pytest.raises(ApiError, match="non-public"):
         fetch(ServerConfig(), transport, "http://public.example/a.png")
+
+
+def test_connects_to_the_checked_address_not_to_a_second_lookup(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    answers = iter(["93.184.216.34", "127.0.0.1"])  # a rebinding DNS server
+
+    async def getaddrinfo(self: Any, host: str, port: int, **kw: Any) -> list[Any]:
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (next(answers), port))]
+
+    monkeypatch.setattr(asyncio.BaseEventLoop, "getaddrinfo", getaddrinfo)
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sni = request.extensions.get("sni_hostname")
+        seen.append((request.url.host, request.url.port, request.headers["host"], sni))
+        return httpx.Response(200, content=b"image bytes")
+
+    url = "https://rebind.example:8443/a.png"
+    assert fetch(ServerConfig(), httpx.MockTransport(handler), url).payload == b"image bytes"
+    assert seen == [("93.184.216.34", 8443, "rebind.example:8443", "rebind.example")]
+
+
+def test_malformed_urls_are_400(fake_dns: None) -> None:
+    for url in ("http://public.example:99999/a", "http://[::1/a", "http:///a"):
+        with pytest.raises(ApiError) as info:
+            fetch(ServerConfig(), redirecting({}), url)
+        assert info.value.status == 400
 
 
 def test_redirects_followed_and_counted(fake_dns: None) -> None:
