@@ -3,8 +3,8 @@
 
 Death is noticed three ways, whichever comes first: an ENGINE_DEAD message, the DEALER's
 socket monitor reporting the connection closed (immediate when the engine process dies), or
-no message at all for ``HEARTBEAT_TIMEOUT_S`` (the engine heartbeats every second). Then every
-in-flight request fails at once with a 503 and new ones are refused.
+no message at all for ``HEARTBEAT_TIMEOUT_S`` (the engine's IO thread heartbeats every 0.5 s
+of silence). Then every in-flight request fails at once with a 503 and new ones are refused.
 """
 
 from __future__ import annotations

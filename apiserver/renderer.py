@@ -53,6 +53,10 @@ class Renderer:
         self._processor = processor
         self._ready = ready
         self._config = config
+        # The pool's threads share one tokenizer. That is safe only while no call passes its
+        # own truncation/padding: transformers then reconfigures the Rust tokenizer, a mutable
+        # borrow that fails with "Already borrowed" while another thread encodes
+        # (huggingface/transformers#47085). Calls here never set either.
         self._pool = ThreadPoolExecutor(config.renderer_num_workers, thread_name_prefix="render")
         self._pending = 0
 
