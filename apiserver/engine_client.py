@@ -97,7 +97,13 @@ class EngineClient:
         queue: asyncio.Queue[Output] = asyncio.Queue()
         self._queues[request.request_id] = (queue, engine)
         engine.num_outstanding += 1
-        await asend(engine.sock, self._encoder, request)
+        try:
+            await asend(engine.sock, self._encoder, request)
+        except BaseException:
+            # Not encoded, or cancelled mid-send: forget it (its caller never gets the queue to
+            # abort it later), and abort it in case its frames left anyway.
+            self.abort([request.request_id])
+            raise
         return queue
 
     def abort(self, request_ids: list[str]) -> None:

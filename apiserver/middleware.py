@@ -29,7 +29,9 @@ KNOWN_PATHS = ADMITTED_PATHS | {
     "/metrics",
     "/version",
 }
-_OPEN_PATHS = frozenset({"/health"})
+#: Probes that carry no client's key: liveness, and readiness, which load balancers route on
+#: (deploy/haproxy.cfg checks ``GET /ready`` with no Authorization header).
+_OPEN_PATHS = frozenset({"/health", "/ready"})
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 Scope = dict[str, Any]

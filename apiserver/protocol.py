@@ -16,6 +16,10 @@ Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
 TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
 MaxTokens = Annotated[int, Meta(ge=1)]
+#: Integers passed on to the engine travel as 64-bit msgpack integers: bounded here, a larger
+#: value is the client's 400 instead of an encoding failure (a 500). Seeds: vLLM's range too.
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+Int64 = Annotated[int, Meta(ge=INT64_MIN, le=INT64_MAX)]
 
 
 class _Req(msgspec.Struct, kw_only=True):
@@ -56,7 +60,7 @@ class _SamplingFields(_Req):
     temperature: Temperature | None = None
     top_p: TopP | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Int64 | None = None
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -64,13 +68,13 @@ class _SamplingFields(_Req):
     frequency_penalty: Penalty = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
-    top_k: Annotated[int, Meta(ge=-1)] = 0
+    top_k: Annotated[int, Meta(ge=-1, le=INT64_MAX)] = 0
     min_p: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0
     repetition_penalty: Annotated[float, Meta(gt=0.0)] = 1.0
-    min_tokens: Annotated[int, Meta(ge=0)] = 0
+    min_tokens: Annotated[int, Meta(ge=0, le=INT64_MAX)] = 0
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
-    priority: int = 0
+    stop_token_ids: list[Int64] | None = None
+    priority: Int64 = 0
 
 
 class ChatCompletionRequest(_SamplingFields, kw_only=True):

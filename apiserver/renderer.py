@@ -111,7 +111,11 @@ class Renderer:
 
     def token_prompt(self, ids: list[int]) -> Prompt:
         """A client-supplied token-id prompt, checked against the vocabulary."""
-        return Prompt(self._checked(np.asarray(ids, dtype=np.int64), 0))
+        try:
+            array = np.asarray(ids, dtype=np.int64)
+        except OverflowError:  # JSON integers have no bound; past 64 bits is past the vocabulary
+            raise self._outside_vocabulary() from None
+        return Prompt(self._checked(array, 0))
 
     def _encode_blocking(self, text: str, add_special_tokens: bool) -> np.ndarray:
         return np.asarray(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
@@ -172,13 +176,14 @@ class Renderer:
         if ids.size == 0:
             raise ApiError(400, "the prompt is empty", param="prompt")
         if ids.min() < 0 or ids.max() >= self._ready.vocab_size:
-            raise ApiError(
-                400, f"token ids must be in [0, {self._ready.vocab_size})", param="prompt"
-            )
+            raise self._outside_vocabulary()
         image_id = self._ready.image_token_id
         if image_id is not None and int((ids == image_id).sum()) != num_image_tokens:
             raise ApiError(400, "the prompt contains image placeholder tokens without images")
         return ids.astype(np.int32)
+
+    def _outside_vocabulary(self) -> ApiError:
+        return ApiError(400, f"token ids must be in [0, {self._ready.vocab_size})", param="prompt")
 
 
 def _runs(ids: np.ndarray, token: int | None) -> list[tuple[int, int]]:

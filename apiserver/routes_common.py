@@ -89,7 +89,7 @@ def sampling_params(
             400,
             f"this model's maximum context length is {max_model_len} tokens; the prompt has "
             f"{prompt_len} tokens{asked}, which does not fit",
-            param="max_tokens" if room > 0 else "messages",
+            param="max_tokens" if room > 0 else _prompt_field(req),
             code="context_length_exceeded",
         )
     return SamplingParams(
@@ -107,6 +107,10 @@ def sampling_params(
         min_tokens=req.min_tokens,
         logprobs=logprobs,
     )
+
+
+def _prompt_field(req: ChatCompletionRequest | CompletionRequest) -> str:
+    return "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
 
 
 def stop_strings(stop: str | list[str] | None) -> list[str]:
