@@ -3,14 +3,14 @@
 Order matters: the listening socket is bound first so that a port in use fails in
 milliseconds rather than after a model load; the engine must answer READY before any API
 server starts, so that servers never serve 503s during a cold start. Every exit path ends
-with no child left (children also ask for PDEATHSIG, which covers a SIGKILLed launcher).
+with no child left (children also ask for PDEATHSIG, which covers a SIGKILLed launcher) and
+the run dir removed (after a SIGKILL, by the next launcher: see ``run_dir``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import socket
 import sys
@@ -25,6 +25,7 @@ from prometheus_client import multiprocess
 
 from apiserver.config import ServerConfig
 from apiserver.listener import describe_listener, remove_uds
+from apiserver.run_dir import RunDir, remove_stale_run_dirs
 from apiserver.supervisor import Child, Events, respawn_delay, spawn
 from apiserver.systemd import notify
 from ipc import messages, transport
@@ -61,13 +62,14 @@ class Launcher:
         (exit 0) or until the engine dies (exit 1)."""
         logger.info("listening on %s", describe_listener(listener, self.server_cfg))
         try:
-            run_dir = transport.make_run_dir()
+            remove_stale_run_dirs()
+            run_dir = RunDir()
         except BaseException:
             listener.close()
             raise
-        logger.info("run dir %s", run_dir)
+        logger.info("run dir %s", run_dir.path)
         try:
-            self._write_configs(run_dir)
+            self._write_configs(run_dir.path)
             self.listen_fd = listener.fileno()
             with Events() as events:
                 self.events = events
@@ -78,7 +80,7 @@ class Launcher:
             self._kill_all()
             listener.close()
             remove_uds(self.server_cfg)
-            shutil.rmtree(run_dir, ignore_errors=True)
+            run_dir.remove()
 
     def _write_configs(self, run_dir: str) -> None:
         address = transport.engine_address(run_dir)

@@ -1,6 +1,6 @@
 """The launcher's life cycle with real processes: systemd notifications, draining on SIGTERM,
-engine death, a SIGKILLed launcher, and the errors that stop it before it starts. Each test
-that destroys a server starts its own."""
+engine death, a SIGKILLed launcher (and its run dir, removed by the next one), and the errors
+that stop it before it starts. Each test that destroys a server starts its own."""
 
 from __future__ import annotations
 
@@ -123,6 +123,9 @@ def test_default_model_over_uds_then_sigkilled_launcher_takes_children_down(
     # No MODEL: the cached default model is served (put in place here to skip a rebuild).
     monkeypatch.setenv("FANIN_CACHE_DIR", str(tmp_path / "cache"))
     shutil.copytree(default_model_dir, default_model.default_model_dir())
+    temp = tmp_path / "temp"  # where run dirs go
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))
     uds = tmp_path / "api.sock"  # and on a Unix socket instead of TCP
     fanin = start_fanin(tmp_path, None, "--api-server-count", "2", "--uds", str(uds))
     try:
@@ -133,6 +136,16 @@ def test_default_model_over_uds_then_sigkilled_launcher_takes_children_down(
         assert models["data"][0]["id"] == default_model.default_model_dir().name
         fanin.proc.kill()
         assert wait_gone(children, 15) == []
+    finally:
+        fanin.kill_tree()
+    # Nothing could remove the run dir; the next `fanin serve` does, before it makes its own.
+    (stale,) = temp.glob("fanin-*")
+    fanin = start_fanin(tmp_path, None, "--uds", str(uds))
+    try:
+        assert not stale.exists() and f"removed stale run dir {stale}" in fanin.log()
+        fanin.proc.send_signal(signal.SIGTERM)
+        assert fanin.proc.wait(60) == 0
+        assert list(temp.glob("fanin-*")) == []
     finally:
         fanin.kill_tree()
 
