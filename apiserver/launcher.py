@@ -27,7 +27,7 @@ from apiserver.config import ServerConfig
 from apiserver.listener import describe_listener, remove_uds
 from apiserver.run_dir import RunDir, remove_stale_run_dirs
 from apiserver.supervisor import Child, Events, respawn_delay, spawn
-from apiserver.systemd import notify
+from apiserver.systemd import notify, watchdog_interval
 from ipc import messages, transport
 from ipc.codec import Decoder, Encoder
 from ipc.config import EngineConfig
@@ -56,6 +56,8 @@ class Launcher:
         self.servers: dict[int, Child] = {}
         self._fast_failures: dict[int, int] = {}
         self._respawn_at: dict[int, float] = {}
+        self._watchdog_interval = watchdog_interval()
+        self._next_watchdog = 0.0
 
     def run(self, listener: socket.socket) -> int:
         """Serve on ``listener`` (from ``bind_listener``; closed on return) until SIGTERM/SIGINT
@@ -114,6 +116,21 @@ class Launcher:
         logger.info("ready: %s", status)
         return self._supervise(close_listener)
 
+    def _wait(self, deadline: float | None) -> list[tuple[str, object]]:
+        """``Events.wait``, feeding systemd's watchdog on the way. Fed from this one loop, so
+        that a launcher stuck anywhere stops feeding it and systemd restarts the unit."""
+        if self._watchdog_interval is None:
+            return self.events.wait(deadline)
+        while True:
+            now = time.monotonic()
+            if now >= self._next_watchdog:
+                notify("WATCHDOG=1")
+                self._next_watchdog = now + self._watchdog_interval
+            wake = self._next_watchdog if deadline is None else min(deadline, self._next_watchdog)
+            events = self.events.wait(wake)
+            if events or (deadline is not None and time.monotonic() >= deadline):
+                return events
+
     # -- startup ---------------------------------------------------------------------------
 
     def _wait_engine_ready(self, engine: Child) -> int | None:
@@ -146,7 +163,7 @@ class Launcher:
         self.events.watch_fd(done_r, "probe")
         try:
             while not outcome:
-                for tag, obj in self.events.wait(None):
+                for tag, obj in self._wait(None):
                     if tag == "exit" and obj is engine:
                         logger.error(
                             "engine core exited with code %s before it was ready", engine.exit_code
@@ -192,7 +209,7 @@ class Launcher:
     def _wait_servers_ready(self) -> int | None:
         """None once every server wrote its ready byte, else the exit code to stop with."""
         while not all(c.is_ready for c in self.servers.values()):
-            for tag, obj in self.events.wait(None):
+            for tag, obj in self._wait(None):
                 if tag == "signal":
                     logger.info("%s during startup: stopping", _signal_name(obj))
                     return 0
@@ -207,7 +224,7 @@ class Launcher:
     def _supervise(self, close_listener: Callable[[], None]) -> int:
         while True:
             deadline = min(self._respawn_at.values(), default=None)
-            events = self.events.wait(deadline)
+            events = self._wait(deadline)
             for tag, obj in events:
                 if tag == "signal":
                     notify("STOPPING=1", f"STATUS=draining ({_signal_name(obj)})")
@@ -255,7 +272,7 @@ class Launcher:
         before they are stopped. A signal cuts the wait short."""
         deadline = time.monotonic() + ENGINE_DEATH_GRACE_S
         while time.monotonic() < deadline:
-            if any(tag == "signal" for tag, _ in self.events.wait(deadline)):
+            if any(tag == "signal" for tag, _ in self._wait(deadline)):
                 return
 
     # -- shutdown --------------------------------------------------------------------------
@@ -279,7 +296,7 @@ class Launcher:
             child.signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
         while any(c.is_alive for c in children):
-            events = self.events.wait(deadline)
+            events = self._wait(deadline)
             if not events:
                 for child in children:
                     if child.is_alive:

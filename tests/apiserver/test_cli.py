@@ -9,16 +9,17 @@ import shlex
 import signal
 import socket
 import sys
+import threading
 import uuid
 from pathlib import Path
 
 import pytest
 
-from apiserver import cli
+from apiserver import cli, systemd
 from apiserver.config import ServerConfig
 from apiserver.listener import LaunchError, bind_listener
 from apiserver.supervisor import MAX_RESPAWN_DELAY_S, Events, respawn_delay, spawn
-from apiserver.systemd import notify
+from apiserver.systemd import notify, watchdog_interval
 
 VLLM_FLAGS = {
     "--host", "--port", "--uds", "--api-key", "--served-model-name", "--max-model-len",
@@ -153,6 +154,35 @@ def test_notify_sends_one_datagram(tmp_path: Path, abstract: bool) -> None:
         assert manager.recv(4096) == b"READY=1\nSTATUS=ok"
     assert not notify("READY=1", env={})
     assert not notify("READY=1", env={"NOTIFY_SOCKET": str(tmp_path / "gone.sock")})
+
+
+def test_notify_gives_up_on_a_manager_that_stopped_reading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(systemd, "SEND_TIMEOUT_S", 0.1)
+    env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
+    sent: list[bool] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
+        manager.bind(env["NOTIFY_SOCKET"])
+        # The launcher's loop pings the watchdog: a full queue must not hang it.
+        pinger = threading.Thread(
+            target=lambda: sent.extend(notify("WATCHDOG=1", env=env) for _ in range(100)),
+            daemon=True,
+        )
+        pinger.start()
+        pinger.join(30)
+        assert not pinger.is_alive()
+    assert sent[0] and not sent[-1]
+
+
+def test_watchdog_interval_is_half_of_watchdog_usec_for_this_process_only() -> None:
+    assert watchdog_interval({"WATCHDOG_USEC": "30000000"}) == 15.0
+    me = str(os.getpid())
+    assert watchdog_interval({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": me}) == 1.0
+    assert watchdog_interval({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "1"}) is None
+    assert watchdog_interval({"WATCHDOG_USEC": "0"}) is None
+    assert watchdog_interval({"WATCHDOG_USEC": "soon"}) is None
+    assert watchdog_interval({}) is None
 
 
 def test_events_report_ready_exit_and_signals() -> None:

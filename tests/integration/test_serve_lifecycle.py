@@ -38,11 +38,16 @@ def _stream(fanin: Fanin, max_tokens: int) -> openai.Stream:  # type: ignore[typ
     )
 
 
-def test_ready_notice_then_sigterm_drains_streams_and_exits_0(
+def test_ready_and_watchdog_notices_then_sigterm_drains_streams_and_exits_0(
     default_model_dir: Path, tmp_path: Path
 ) -> None:
-    fanin = start_fanin(tmp_path, default_model_dir, "--api-server-count", "2")
+    # WatchdogSec=4 in a unit: systemd passes WATCHDOG_USEC and expects pings well within 4 s.
+    env = {"WATCHDOG_USEC": "4000000"}
+    fanin = start_fanin(tmp_path, default_model_dir, "--api-server-count", "2", env=env)
     try:
+        fanin.notices.clear()  # pings from before READY=1
+        fanin.wait_notice("WATCHDOG=1", 3)
+        fanin.wait_notice("WATCHDOG=1", 3)
         # READY=1 came only after both servers serve: every request succeeds at once, and both
         # servers answer.
         seen: set[str] = set()
