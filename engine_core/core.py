@@ -86,7 +86,11 @@ class EngineCore:
         if isinstance(event, IOFailed):
             raise EngineFailed(event.reason)
         if isinstance(event, ClientGone):
-            self.scheduler.abort_client(event.client)
+            aborted = self.scheduler.abort_client(event.client)
+            if aborted:
+                logger.warning(
+                    "API server %r is gone; aborted its %d requests", event.client, len(aborted)
+                )
             return True
         msg = event.msg
         if isinstance(msg, messages.EngineRequest):
