@@ -29,9 +29,9 @@ KNOWN_PATHS = ADMITTED_PATHS | {
     "/metrics",
     "/version",
 }
-#: Probes that carry no client's key: liveness, and readiness, which load balancers route on
-#: (deploy/haproxy.cfg checks ``GET /ready`` with no Authorization header).
-_OPEN_PATHS = frozenset({"/health", "/ready"})
+#: Liveness alone answers without the key. Readiness says whether the engine is up, so it
+#: needs the key like everything else; load balancers send it (deploy/haproxy.cfg).
+_OPEN_PATHS = frozenset({"/health"})
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 Scope = dict[str, Any]

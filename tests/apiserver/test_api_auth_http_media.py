@@ -73,7 +73,9 @@ def test_api_key_required_except_health(stack: Any) -> None:
             stack.client(api_key=key).models.list()
     with httpx.Client(base_url=stack.url) as http:
         assert http.get("/health").status_code == 200
-        assert http.get("/ready").status_code == 200  # load balancers' probes carry no key
+        assert http.get("/ready").status_code == 401
+        ready = http.get("/ready", headers={"Authorization": f"Bearer {KEY}"})
+        assert ready.status_code == 200
         assert http.get("/metrics").status_code == 401
         denied = http.post("/v1/chat/completions", json={"model": "default"})
         assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"

@@ -716,8 +716,9 @@ def test_api_key_required_except_health(guarded: Fanin) -> None:
             _client(guarded, key).models.list()
     with _fresh(guarded) as http:
         assert http.get("/health").status_code == 200
-        # Load balancers probe readiness without the clients' key (deploy/haproxy.cfg).
-        assert http.get("/ready").status_code == 200
+        assert http.get("/ready").status_code == 401
+        ready = http.get("/ready", headers={"Authorization": f"Bearer {KEY}"})
+        assert ready.status_code == 200
         assert http.get("/metrics").status_code == 401
         denied = http.post("/v1/completions", json={"model": SERVED_NAME, "prompt": "hi"})
         assert _assert_error(denied, 401)["code"] == "invalid_api_key"
