@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import zmq
+from dealer import Client
 from test_scheduler import FakeRunner, expected_tokens
 
 from engine_core.__main__ import ready_message
@@ -19,57 +20,11 @@ from engine_core.core import EngineCore, EngineFailed
 from engine_core.io_thread import EngineIO
 from engine_core.sampler import Sampler
 from ipc import messages, transport
-from ipc.codec import Decoder, Encoder
 from ipc.config import EngineConfig
 
 POLL_MS = 10_000
 #: A generation that cannot finish while a test runs: only an abort ends it.
 LONG = 1_000_000
-
-
-class Client:
-    """One API server's DEALER, speaking through ipc.transport."""
-
-    def __init__(self, ctx: zmq.Context[Any], address: str, index: int) -> None:
-        self.sock = transport.connect_client_socket(ctx, address, index)
-        self.encoder, self.decoder = Encoder(), Decoder(messages.FROM_ENGINE)
-        self.index = index
-
-    def hello(self) -> messages.Ready:
-        hello = messages.Hello(client_index=self.index, pid=1)
-        return transport.handshake(self.sock, self.encoder, self.decoder, hello, 10.0)
-
-    def send(self, msg: Any) -> None:
-        transport.send(self.sock, self.encoder, msg)
-
-    def recv(self) -> Any:
-        assert self.sock.poll(POLL_MS), "no message from the engine"
-        return transport.recv(self.sock, self.decoder)
-
-    def utility(self, op: str, call_id: int = 1) -> dict[str, Any]:
-        self.send(messages.UtilityCall(call_id, op))  # type: ignore[arg-type]
-        while True:
-            msg = self.recv()
-            if isinstance(msg, messages.UtilityResult) and msg.call_id == call_id:
-                assert msg.error is None
-                return msg.result
-
-    def collect(self, request_ids: set[str]) -> dict[str, list[messages.RequestOutput]]:
-        """Outputs until every id in ``request_ids`` finished."""
-        got: dict[str, list[messages.RequestOutput]] = {}
-        open_ids = set(request_ids)
-        while open_ids:
-            msg = self.recv()
-            if not isinstance(msg, messages.OutputBatch):
-                continue
-            for out in msg.outputs:
-                got.setdefault(out.request_id, []).append(out)
-                if out.finish_reason is not None:
-                    open_ids.discard(out.request_id)
-        return got
-
-    def close(self, linger_ms: int = 0) -> None:
-        self.sock.close(linger=linger_ms)
 
 
 class Engine:
@@ -107,7 +62,7 @@ def engine(tmp_path: Path, ctx: zmq.Context[Any]) -> Iterator[Engine]:
     eng = Engine(tmp_path, FakeRunner(num_slots=4, max_model_len=2 * LONG))
     yield eng
     if eng.thread.is_alive():
-        closer = Client(ctx, eng.address, 99)
+        closer = Client(ctx, eng.address, 99, POLL_MS)
         closer.send(messages.Shutdown("test over"))
         closer.close(linger_ms=5000)  # let the SHUTDOWN leave before the socket goes
         eng.thread.join(10)
@@ -121,7 +76,7 @@ def request(rid: str, prompt_len: int, max_tokens: int = 4, **kw: Any) -> messag
 
 
 def test_handshake_outputs_and_utilities(engine: Engine, ctx: zmq.Context[Any]) -> None:
-    client = Client(ctx, engine.address, 0)
+    client = Client(ctx, engine.address, 0, POLL_MS)
     ready = client.hello()
     assert (ready.vocab_size, ready.max_num_seqs, ready.kv_capacity_tokens) == (97, 4, 8 * LONG)
     assert ready.pixel_dtype == "float32" and ready.eos_token_ids == [96]
@@ -133,13 +88,13 @@ def test_handshake_outputs_and_utilities(engine: Engine, ctx: zmq.Context[Any]) 
         assert tokens == expected_tokens(n, f"r{i}", 5)
         assert got[f"r{i}"][-1].finish_reason == "length"
     assert client.utility("ping") == {"pong": True}
-    assert client.utility("stats", 2)["num_free_slots"] == 4
-    assert client.utility("reset_encoder_cache", 3) == {}
+    assert client.utility("stats")["num_free_slots"] == 4
+    assert client.utility("reset_encoder_cache") == {}
     client.close()
 
 
 def test_corrupt_frames_and_bad_requests_do_not_kill(engine: Engine, ctx: zmq.Context[Any]) -> None:
-    client = Client(ctx, engine.address, 0)
+    client = Client(ctx, engine.address, 0, POLL_MS)
     client.hello()
     client.sock.send_multipart([b"\x03", b"\xc1garbage"])
     client.sock.send_multipart([b"\x7f"])
@@ -157,7 +112,7 @@ def test_corrupt_frames_and_bad_requests_do_not_kill(engine: Engine, ctx: zmq.Co
 
 
 def test_idle_heartbeat_carries_load(engine: Engine, ctx: zmq.Context[Any]) -> None:
-    client = Client(ctx, engine.address, 0)
+    client = Client(ctx, engine.address, 0, POLL_MS)
     client.hello()
     msg = client.recv()
     assert isinstance(msg, messages.OutputBatch) and msg.outputs == []
@@ -166,32 +121,32 @@ def test_idle_heartbeat_carries_load(engine: Engine, ctx: zmq.Context[Any]) -> N
 
 
 def test_hello_again_aborts_the_old_requests(engine: Engine, ctx: zmq.Context[Any]) -> None:
-    old = Client(ctx, engine.address, 3)
+    old = Client(ctx, engine.address, 3, POLL_MS)
     old.hello()
     old.send(request("long", 5, max_tokens=LONG))
-    assert _wait_running(old, 1)
+    old.wait_stats(lambda s: s["num_running"] == 1)
     old.close()
-    new = Client(ctx, engine.address, 3)
+    new = Client(ctx, engine.address, 3, POLL_MS)
     new.hello()
-    assert _wait_running(new, 0)
-    assert new.utility("stats", 7)["num_free_slots"] == 4
+    new.wait_stats(lambda s: s["num_running"] == 0)
+    assert new.utility("stats")["num_free_slots"] == 4
     new.close()
 
 
 def test_gone_client_gets_its_requests_aborted(engine: Engine, ctx: zmq.Context[Any]) -> None:
-    watcher = Client(ctx, engine.address, 1)
+    watcher = Client(ctx, engine.address, 1, POLL_MS)
     watcher.hello()
-    doomed = Client(ctx, engine.address, 2)
+    doomed = Client(ctx, engine.address, 2, POLL_MS)
     doomed.hello()
     doomed.send(request("orphan", 5, max_tokens=LONG))
-    assert _wait_running(watcher, 1)
+    watcher.wait_stats(lambda s: s["num_running"] == 1)
     doomed.close()  # its next output hits EHOSTUNREACH
-    assert _wait_running(watcher, 0)
+    watcher.wait_stats(lambda s: s["num_running"] == 0)
     watcher.close()
 
 
 def test_shutdown_stops_the_loop(engine: Engine, ctx: zmq.Context[Any]) -> None:
-    client = Client(ctx, engine.address, 0)
+    client = Client(ctx, engine.address, 0, POLL_MS)
     client.hello()
     client.send(messages.Shutdown("bye"))
     engine.thread.join(10)
@@ -206,7 +161,7 @@ class BrokenRunner(FakeRunner):
 
 def test_fatal_error_sends_engine_dead(tmp_path: Path, ctx: zmq.Context[Any]) -> None:
     eng = Engine(tmp_path, BrokenRunner())
-    client = Client(ctx, eng.address, 0)
+    client = Client(ctx, eng.address, 0, POLL_MS)
     client.hello()
     client.send(request("doomed", 5))
     while not isinstance(msg := client.recv(), messages.EngineDead):
@@ -215,11 +170,3 @@ def test_fatal_error_sends_engine_dead(tmp_path: Path, ctx: zmq.Context[Any]) ->
     eng.thread.join(10)
     assert isinstance(eng.error, RuntimeError) and not isinstance(eng.error, EngineFailed)
     client.close()
-
-
-def _wait_running(client: Client, count: int) -> bool:
-    """Poll the stats utility until ``count`` requests run (each call is a round trip)."""
-    for call_id in range(100, 10_000):
-        if client.utility("stats", call_id)["num_running"] == count:
-            return True
-    return False
