@@ -93,7 +93,9 @@ class Launcher:
             self.server_cfg, engine_address=address, metrics_dir=metrics_dir
         )
         for name, cfg in (("engine.json", self.engine_cfg), ("server.json", self.server_cfg)):
-            with open(os.path.join(run_dir, name), "wb") as f:
+            # 0600: server.json may hold the API key (the run dir is 0700 too).
+            path = os.path.join(run_dir, name)
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
                 f.write(msgspec.json.encode(cfg))
         self.run_dir = run_dir
 

@@ -145,6 +145,12 @@ def test_default_model_over_uds_then_sigkilled_launcher_takes_children_down(
         fanin.kill_tree()
     # Nothing could remove the run dir; the next `fanin serve` does, before it makes its own.
     (stale,) = temp.glob("fanin-*")
+    # Private to the user: the engine socket, and configs that may hold the API key.
+    assert stale.stat().st_mode & 0o777 == 0o700
+    assert {p.name: p.stat().st_mode & 0o777 for p in stale.glob("*.json")} == {
+        "engine.json": 0o600,
+        "server.json": 0o600,
+    }
     fanin = start_fanin(tmp_path, None, "--uds", str(uds))
     try:
         assert not stale.exists() and f"removed stale run dir {stale}" in fanin.log()
