@@ -1,5 +1,6 @@
 # make serve: install if needed, build the default model, serve it with 2 API servers.
 # make test:  install if needed, run the test suite.
+# make lint:  ruff, and mypy (strict) on apiserver/ and ipc/.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -29,6 +30,7 @@ test: install
 lint: install
 	$(BIN)/ruff check apiserver engine_core ipc tests bench
 	$(BIN)/ruff format --check apiserver engine_core ipc tests bench
+	$(BIN)/mypy
 
 bench-ipc: install
 	$(BIN)/python bench/ipc_bench.py

@@ -52,7 +52,7 @@ class IncrementalDetokenizer:
     def _decode_new(self, final: bool) -> str:
         decode = self._tokenizer.decode
         prefix = decode(self._ids[self._prefix_offset : self._read_offset], **self._kw())
-        full = decode(self._ids[self._prefix_offset :], **self._kw())
+        full: str = decode(self._ids[self._prefix_offset :], **self._kw())
         if not final and full.endswith(_REPLACEMENT):
             return ""
         # Decoding with a little left context keeps tokenizer spacing rules (leading spaces,

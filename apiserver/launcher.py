@@ -233,8 +233,8 @@ class Launcher:
                     logger.info("%s: draining", _signal_name(obj))
                     close_listener()  # the servers stop accepting on their own SIGTERM
                     return self._stop(0)
-                if tag == "exit" and obj is self.engine:
-                    logger.error("engine core died (exit code %s)", self.engine.exit_code)
+                if tag == "exit" and isinstance(obj, Child) and obj is self.engine:
+                    logger.error("engine core died (exit code %s)", obj.exit_code)
                     notify("STOPPING=1", "STATUS=engine core died")
                     self._let_servers_fail_requests()
                     return self._stop(1)

@@ -10,6 +10,7 @@ import hmac
 import logging
 import re
 import uuid
+from collections.abc import MutableMapping
 from typing import Any
 
 from apiserver import metrics
@@ -67,7 +68,7 @@ class FaninMiddleware:
         status = 500
         started = False
 
-        async def send_stamped(message: dict[str, Any]) -> None:
+        async def send_stamped(message: MutableMapping[str, Any]) -> None:
             nonlocal status, started
             if message["type"] == "http.response.start":
                 status, started = message["status"], True

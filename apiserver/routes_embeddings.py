@@ -123,4 +123,5 @@ def _inputs(value: str | list[str | int | list[int]]) -> list[str | list[int]]:
 def _encode(vector: np.ndarray, encoding_format: str) -> list[float] | str:
     if encoding_format == "base64":
         return base64.b64encode(vector.astype("<f4").tobytes()).decode()
-    return vector.tolist()
+    values: list[float] = vector.tolist()
+    return values

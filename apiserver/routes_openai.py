@@ -155,13 +155,13 @@ class GenerationRoutes:
         return steps, tally
 
     async def _completion_prompt(self, req: CompletionRequest) -> Prompt:
-        p = req.prompt
+        p: str | list[Any] = req.prompt
         if isinstance(p, list) and len(p) == 1 and not isinstance(p[0], int):
             p = p[0]  # a list of one string or of one token list
         if isinstance(p, str):
             return await self._ctx.renderer.render_text(p)
         if p and all(isinstance(t, int) for t in p):
-            return self._ctx.renderer.token_prompt(p)  # type: ignore[arg-type]
+            return self._ctx.renderer.token_prompt(p)
         raise ApiError(400, "prompt must be one string or one list of token ids", param="prompt")
 
     def _engine_request(

@@ -115,7 +115,8 @@ async def _serve(
         access_log=False,
         log_config=None,
         log_level=config.log_level,
-        timeout_graceful_shutdown=config.shutdown_timeout,
+        # uvicorn annotates int, but hands it to asyncio.wait_for: fractions of seconds work.
+        timeout_graceful_shutdown=config.shutdown_timeout,  # type: ignore[arg-type]
     )
     await _ReadyServer(uv_config, ready_fd).serve(sockets=[sock])
 

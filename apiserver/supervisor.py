@@ -28,7 +28,7 @@ def respawn_delay(fast_failures: int) -> float:
     crash loop (bad config, broken install) does not burn the CPU the healthy servers need."""
     if fast_failures <= 0:
         return 0.0
-    return min(FIRST_RESPAWN_DELAY_S * 2 ** (fast_failures - 1), MAX_RESPAWN_DELAY_S)
+    return min(FIRST_RESPAWN_DELAY_S * 2.0 ** (fast_failures - 1), MAX_RESPAWN_DELAY_S)
 
 
 @dataclass(eq=False)

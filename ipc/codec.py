@@ -82,7 +82,7 @@ class Encoder:
 
     def encode(self, msg: msgspec.Struct) -> list[bytes | memoryview]:
         """Frames ``[kind, body, aux...]`` for ``msg`` (any struct of ``ipc.messages``)."""
-        kind = messages.TYPE_KINDS.get(type(msg))  # type: ignore[call-overload]
+        kind = messages.TYPE_KINDS.get(type(msg))
         if kind is None:
             raise TypeError(f"not a wire message: {type(msg).__name__}")
         self._aux = []
@@ -115,7 +115,7 @@ def _tensor_bytes(t: torch.Tensor) -> tuple[str, tuple[int, ...], memoryview]:
     t = t.detach().to("cpu").contiguous()
     # A flat byte view works for every dtype, including those numpy lacks (bfloat16).
     flat = t.reshape(-1).view(torch.uint8).numpy()
-    return name, tuple(t.shape), memoryview(flat)
+    return name, tuple(t.shape), flat.data
 
 
 def _ndarray_bytes(a: np.ndarray) -> tuple[str, tuple[int, ...], memoryview]:
@@ -125,7 +125,7 @@ def _ndarray_bytes(a: np.ndarray) -> tuple[str, tuple[int, ...], memoryview]:
     wire = a.astype(a.dtype.newbyteorder("<"), copy=False)
     if not wire.flags.c_contiguous:
         wire = wire.copy(order="C")
-    return name, a.shape, memoryview(wire.reshape(-1).view(np.uint8))
+    return name, a.shape, wire.reshape(-1).view(np.uint8).data
 
 
 class Decoder:
@@ -192,7 +192,8 @@ class Decoder:
             raise DecodeError(f"shape {shape} of {name} needs {nbytes} bytes, got {len(buf)}")
         try:
             if np_dtype is not None:
-                return np.frombuffer(buf, dtype=np_dtype).reshape(shape)
+                array: np.ndarray = np.frombuffer(buf, dtype=np_dtype).reshape(shape)
+                return array
             return _frombuffer(buf, torch_dtype).reshape(shape)
         except (ValueError, RuntimeError, OverflowError) as exc:  # e.g. (0, 2**70)
             raise DecodeError(f"unusable shape {shape}: {exc}") from exc

@@ -34,14 +34,15 @@ class Kind(enum.IntEnum):
 
 
 class _Msg(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
-    pass
+    """Base of every wire struct. Value structs (params, load) add ``frozen=True``: msgspec
+    allows a frozen subclass, mypy's dataclass rules do not (hence their ``type: ignore``)."""
 
 
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
 PosInt = Annotated[int, msgspec.Meta(ge=1)]
 
 
-class SamplingParams(_Msg, frozen=True):
+class SamplingParams(_Msg, frozen=True):  # type: ignore[misc]
     """How to pick each new token. ``top_k=0`` and ``min_p=0`` disable those filters;
     ``temperature=0`` is greedy. ``logprobs``: None for none, k >= 0 for the sampled token's
     logprob plus the k most likely alternatives."""
@@ -61,7 +62,7 @@ class SamplingParams(_Msg, frozen=True):
     logprobs: NonNegInt | None = None
 
 
-class PoolingParams(_Msg, frozen=True):
+class PoolingParams(_Msg, frozen=True):  # type: ignore[misc]
     """Ask for one embedding of the prompt instead of generated tokens."""
 
     pooling: Literal["last", "mean", "cls"] = "last"
@@ -154,7 +155,7 @@ class Ready(_Msg):
     image_token_id: int | None = None
 
 
-class EngineLoad(_Msg, frozen=True):
+class EngineLoad(_Msg, frozen=True):  # type: ignore[misc]
     """Snapshot of engine load, carried by every output batch (admission control, metrics)."""
 
     num_running: int = 0
@@ -210,7 +211,7 @@ class Shutdown(_Msg):
 
 
 #: The body struct for each kind (used by the codec to pick a decoder).
-KIND_TYPES: dict[Kind, type[_Msg]] = {
+KIND_TYPES: dict[Kind, type[msgspec.Struct]] = {
     Kind.HELLO: Hello,
     Kind.READY: Ready,
     Kind.ADD: EngineRequest,
@@ -221,7 +222,7 @@ KIND_TYPES: dict[Kind, type[_Msg]] = {
     Kind.ENGINE_DEAD: EngineDead,
     Kind.SHUTDOWN: Shutdown,
 }
-TYPE_KINDS: dict[type[_Msg], Kind] = {t: k for k, t in KIND_TYPES.items()}
+TYPE_KINDS: dict[type[msgspec.Struct], Kind] = {t: k for k, t in KIND_TYPES.items()}
 
 #: Messages an API server may send to the engine, and the engine to an API server.
 TO_ENGINE = (Kind.HELLO, Kind.ADD, Kind.ABORT, Kind.UTILITY, Kind.SHUTDOWN)

@@ -66,7 +66,7 @@ def bind_engine_socket(ctx: zmq.Context[Any], address: str) -> zmq.Socket[Any]:
     ROUTER_HANDOVER lets a respawned API server with the same identity take over the route.
     No high-water marks: dropping outputs would hang requests.
     """
-    sock = ctx.socket(zmq.ROUTER)
+    sock: zmq.Socket[Any] = ctx.socket(zmq.ROUTER)
     try:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)

@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import cast
 
 import torch
 from transformers import (
@@ -82,8 +83,8 @@ def _model_config(token_ids: dict[str, int], vocab_size: int) -> Qwen2VLConfig:
 
 def _write_model(out: Path) -> None:
     tokenizer = train_tokenizer()
-    token_ids = {
-        t: tokenizer.convert_tokens_to_ids(t)
+    token_ids: dict[str, int] = {
+        t: cast(int, tokenizer.convert_tokens_to_ids(t))  # one token in, one id out
         for t in (ENDOFTEXT, IM_END, IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END)
     }
     size = {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS}
