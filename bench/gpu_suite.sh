@@ -60,3 +60,8 @@ for content in ("Say hello", [{"type": "image_url", "image_url": {"url": data}},
 PY
 kill -TERM "$serve"
 wait "$serve" && echo "serve exited 0" | tee -a "$out/serve_smoke.txt"
+# A clean stop needs no SIGKILL (an idle engine once ignored SIGTERM on the GPU).
+if grep -q "did not stop" "$out/serve.log"; then
+    echo "FAILED: a process had to be killed on SIGTERM" | tee -a "$out/serve_smoke.txt"
+    exit 1
+fi
