@@ -114,6 +114,7 @@ def load_both(args: argparse.Namespace) -> tuple[Any, ModelRunner]:
         max_model_len=max(args.ctx + args.steps + 8, args.prefill_len + 8),
         max_num_seqs=max(args.batches),
         max_num_batched_tokens=args.budget,
+        enforce_eager=args.enforce_eager,
     )
     return hf, load_runner(config)
 
@@ -165,6 +166,7 @@ def main() -> None:
     parser.add_argument("--prefill-len", type=int, default=2048)
     parser.add_argument("--budget", type=int, default=2048, help="max tokens per engine step")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (ours)")
     parser.add_argument("--out", type=pathlib.Path)
     args = parser.parse_args()
     bw = copy_bandwidth()
@@ -187,7 +189,8 @@ def main() -> None:
     }
     print(
         f"GPU {report['gpu']}, copy bandwidth {bw / 1e9:.0f} GB/s, decoder weights "
-        f"{weight_bytes / 1e9:.2f} GB; medians of {args.rounds} alternating rounds"
+        f"{weight_bytes / 1e9:.2f} GB; medians of {args.rounds} alternating rounds; ours "
+        f"{'eager' if args.enforce_eager else 'with CUDA graphs for decode'}"
     )
 
     def ratio_range(name: str, ours_over_hf: bool) -> str:

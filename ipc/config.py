@@ -52,3 +52,6 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     enable_chunked_prefill: Annotated[
         bool, Meta(description="split long prompts over several engine steps")
     ] = True
+    enforce_eager: Annotated[
+        bool, Meta(description="run every step eagerly: no CUDA graphs for decode steps")
+    ] = False
