@@ -67,7 +67,8 @@ InboxEvent = Inbound | ClientGone | IOFailed
 
 class EngineIO:
     """Owns the ROUTER in a daemon thread. ``send``/``set_load``/``close`` are for the busy loop;
-    ``inbox`` (a SimpleQueue: ``put`` is safe from signal handlers) is what it reads."""
+    ``inbox`` is what it reads (requests, aborts, client departures, and SHUTDOWN for a signal
+    read from ``signal_fd``)."""
 
     def __init__(self, address: str, ready: messages.Ready, signal_fd: int | None = None) -> None:
         self.inbox: queue.SimpleQueue[InboxEvent] = queue.SimpleQueue()
