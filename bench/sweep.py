@@ -1,0 +1,235 @@
+"""``fanin bench sweep``: one workload, several server configurations, one table.
+
+Each configuration is ``[inline:|pool:]NxW``: ``--api-server-count N --renderer-num-workers W
+--preprocess-mode MODE`` (pool unless said). The thread count is always passed, since a
+default may come from a CPU budget that differs per configuration. For each one the sweep
+starts ``fanin serve``, waits for ``/ready``, runs the workload (the same requests and photos
+every time; each server starts cold), stops the server with SIGTERM and checks that nothing of
+it is left. A configuration that fails to start, or whose run fails, is reported and the
+sweep goes on. Results are written after every configuration, so an interrupted sweep keeps
+what it measured; at the end come the markdown table (ratios against the first configuration
+that ran) and the plots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from bench import report_sweep
+from bench.cli import (
+    BenchError,
+    api_key_of,
+    build_sweep_parser,
+    fetch_model,
+    image_source,
+    raise_open_files_limit,
+    result_stem,
+    run_async,
+    serving_images,
+    write_text,
+)
+from bench.config import BenchConfig, SweepConfig, from_args, validate
+from bench.report import machine, run_result
+from bench.runner import Run
+from bench.serve import ServedFanin
+from bench.workload import Model, Workload, WorkloadError
+
+_SPEC = re.compile(r"^(?:(inline|pool):)?(\d{1,3})x(\d{1,3})$")
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """One server configuration of a sweep."""
+
+    mode: str
+    servers: int
+    workers: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.mode} {self.servers}x{self.workers}"
+
+    @property
+    def slug(self) -> str:
+        return f"{self.mode}-{self.servers}x{self.workers}"
+
+    def flags(self) -> list[str]:
+        return [
+            "--api-server-count", str(self.servers),
+            "--renderer-num-workers", str(self.workers),
+            "--preprocess-mode", self.mode,
+        ]  # fmt: skip
+
+
+def parse_spec(text: str) -> ServerSpec:
+    """``inline:1x1``, ``pool:1x4``, ``4x2`` -> a ServerSpec; ``ValueError`` otherwise."""
+    match = _SPEC.match(text.strip())
+    if not match or int(match.group(2)) < 1 or int(match.group(3)) < 1:
+        raise ValueError(f"--configs: {text!r} is not [inline:|pool:]NxW (e.g. pool:4x2)")
+    return ServerSpec(match.group(1) or "pool", int(match.group(2)), int(match.group(3)))
+
+
+def frontend_preset(cores: int) -> list[ServerSpec]:
+    """Issue 9's list: the one-process baselines (inline; a pool of 1, 4 and ``cores``
+    threads), then 1, 2, 4, 8, ... API servers up to ``cores``, with 1 and 2 threads each."""
+    specs = [ServerSpec("inline", 1, 1)] + [ServerSpec("pool", 1, w) for w in (1, 4, cores)]
+    n = 1
+    while n <= cores:
+        specs += [ServerSpec("pool", n, 1), ServerSpec("pool", n, 2)]
+        n *= 2
+    return list(dict.fromkeys(specs))
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def resolve_specs(sweep: SweepConfig) -> list[ServerSpec]:
+    if (sweep.configs is None) == (sweep.preset is None):
+        raise ValueError("give exactly one of --configs and --preset")
+    if sweep.preset == "frontend":
+        return frontend_preset(usable_cores())
+    specs = [parse_spec(part) for item in sweep.configs or [] for part in item.split(",") if part]
+    return list(dict.fromkeys(specs))
+
+
+def parse_env(items: list[str] | None) -> dict[str, str]:
+    env = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        if not eq or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise ValueError(f"--env: {item!r} is not KEY=VALUE")
+        env[key] = value
+    return env
+
+
+@dataclass
+class Sweep:
+    """Everything one sweep needs, decided before the first server starts."""
+
+    config: BenchConfig
+    sweep: SweepConfig
+    specs: list[ServerSpec]
+    model_dir: str | None
+    serve_args: list[str]
+    out_dir: Path
+    command: list[str]
+
+    async def run(self) -> dict[str, Any]:
+        api_key = api_key_of(self.config)
+        images = image_source(self.config)
+        env = parse_env(self.sweep.env)
+        extra = list(self.serve_args)
+        if self.config.image_transport == "http":
+            extra.append("--allow-private-media-urls")  # the photos come from 127.0.0.1
+        doc: dict[str, Any] = {
+            "machine": machine(),
+            "command": self.command,
+            "model_dir": self.model_dir,
+            "serve_args": self.serve_args,
+            "env": env,
+            "workload": msgspec.to_builtins(self.config),
+            "entries": [],
+        }
+        workloads: dict[Model, Workload] = {}
+        async with serving_images(self.config, images) as image_url_base:
+            for i, spec in enumerate(self.specs):
+                print(f"[{i + 1}/{len(self.specs)}] {spec.label}", file=sys.stderr, flush=True)
+                entry = await self._one(
+                    spec, extra, env, api_key, images, image_url_base, workloads
+                )
+                doc["entries"].append(entry)
+                self._write_json(doc)
+                print(f"  {report_sweep.entry_line(entry)}", file=sys.stderr, flush=True)
+        return doc
+
+    async def _one(
+        self,
+        spec: ServerSpec,
+        extra: list[str],
+        env: dict[str, str],
+        api_key: str | None,
+        images: Any,
+        image_url_base: str | None,
+        workloads: dict[Model, Workload],
+    ) -> dict[str, Any]:
+        entry: dict[str, Any] = {"label": spec.label, "flags": spec.flags()}
+        log = self.out_dir / f"serve-{spec.slug}.log"
+        server = ServedFanin.start(self.model_dir, spec.flags() + extra, log, env)
+        try:
+            problem = await server.wait_ready(self.sweep.server_start_timeout, api_key)
+            if problem is not None:
+                entry.update(status="failed to start", error=problem, log_tail=server.log_tail())
+                return entry
+            model = await fetch_model(server.target, self.config.model, api_key)
+            if model not in workloads:
+                workloads[model] = Workload(self.config, model, images, image_url_base)
+            config = msgspec.structs.replace(self.config, base_url=server.target.origin)
+            run = Run(config, server.target, workloads[model], server.pid, api_key)
+            result = await run.execute()
+            entry.update(status="ok", **run_result(config, model.name, result))
+        except (BenchError, WorkloadError, RuntimeError, OSError) as e:
+            entry.update(status="failed", error=str(e), log_tail=server.log_tail())
+        except Exception as e:  # one configuration's surprise must not lose the others
+            entry.update(status="failed", error=f"{type(e).__name__}: {e}")
+            entry["traceback"] = traceback.format_exc()
+        finally:
+            stop = await asyncio.to_thread(server.stop, self.sweep.server_stop_timeout)
+            entry["stop"] = {
+                "exit_code": stop.exit_code,
+                "seconds": round(stop.seconds, 2),
+                "killed": stop.killed,
+            }
+        return entry
+
+    def _write_json(self, doc: dict[str, Any]) -> None:
+        text = msgspec.json.format(msgspec.json.encode(doc)).decode()
+        write_text(self.out_dir / "sweep.json", text)
+
+
+def sweep_main(argv: list[str]) -> int:
+    """``fanin bench sweep [MODEL] [flags] [-- serve flags]``."""
+    serve_args: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, serve_args = argv[:cut], argv[cut + 1 :]
+    parser = build_sweep_parser()
+    args = parser.parse_args(argv)
+    try:
+        sweep = from_args(SweepConfig, args)
+        config = from_args(BenchConfig, args)
+        validate(config)
+        specs = resolve_specs(sweep)
+        parse_env(sweep.env)
+    except ValueError as e:
+        parser.error(str(e))
+    out_dir = Path(config.result_dir or result_stem("fanin-sweep"))
+    command = ["fanin", "bench", "sweep", *argv, *(["--", *serve_args] if serve_args else [])]
+    print(f"fanin bench sweep: {len(specs)} configurations, results in {out_dir}", file=sys.stderr)
+    raise_open_files_limit()
+    plan = Sweep(config, sweep, specs, args.model, serve_args, out_dir, command)
+    try:
+        doc = run_async(plan.run())
+    except (BenchError, WorkloadError) as e:
+        print(f"fanin bench sweep: error: {e}", file=sys.stderr)
+        return 1
+    markdown = report_sweep.markdown(doc)
+    write_text(out_dir / "sweep.md", markdown)
+    plotted = report_sweep.plot(doc, out_dir / "sweep.png")
+    print(markdown)
+    print(
+        f"results: {out_dir / 'sweep.json'}, {out_dir / 'sweep.md'}"
+        + (f", {out_dir / 'sweep.png'}" if plotted else " (no plot: matplotlib is missing)"),
+        file=sys.stderr,
+    )
+    ran = [e for e in doc["entries"] if e["status"] == "ok"]
+    return 0 if ran else 1
