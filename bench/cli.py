@@ -93,14 +93,14 @@ def image_source(config: BenchConfig) -> DistinctImages | None:
 @contextlib.asynccontextmanager
 async def serving_images(
     config: BenchConfig, images: DistinctImages | None
-) -> AsyncIterator[str | None]:
-    """The base URL of a local server of ``images`` while the block runs, when photos go as
-    http URLs; None when they go as data URLs."""
+) -> AsyncIterator[ImageServer | None]:
+    """A local server of ``images`` while the block runs, when photos go as http URLs; None
+    when they go as data URLs."""
     if images is None or config.image_transport != "http":
         yield None
         return
     async with ImageServer(images) as server:
-        yield server.base_url
+        yield server
 
 
 def result_stem(prefix: str) -> str:
@@ -130,7 +130,7 @@ def build_sweep_parser() -> argparse.ArgumentParser:
         "workload against it, stop it, and compare (ratios against the first configuration).",
     )
     parser.add_argument(
-        "model",
+        "model_dir",  # not "model": --model is the served name, as in `fanin bench`
         nargs="?",
         metavar="MODEL",
         help="model directory (default: fanin's built-in default model)",
@@ -147,10 +147,13 @@ async def _bench(config: BenchConfig, target: Target, command: list[str]) -> int
     if server_root is None and target.is_loopback:
         server_root = listener_pid(target.port)
     images = image_source(config)
-    async with serving_images(config, images) as image_url_base:
-        workload = Workload(config, model, images, image_url_base)
+    async with serving_images(config, images) as image_server:
+        base_url = image_server.base_url if image_server else None
+        workload = Workload(config, model, images, base_url)
         run = await Run(config, target, workload, server_root, api_key).execute()
     result = {"machine": machine(), "command": command, **run_result(config, model.name, run)}
+    if image_server is not None:
+        result["images_fetched"] = image_server.num_served
     markdown = run_markdown(result, command)
     print(markdown)
     if config.result_dir:

@@ -175,11 +175,18 @@ class SweepConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
         list[str] | None, Meta(description="KEY=VALUE set in every server's environment")
     ] = None
     server_start_timeout: Annotated[
-        float, Meta(gt=0, description="seconds a server gets to answer /ready")
+        float, Meta(gt=0, le=DAY, description="seconds a server gets to answer /ready")
     ] = 600.0
     server_stop_timeout: Annotated[
-        float, Meta(gt=0, description="seconds a server gets to exit after SIGTERM")
+        float, Meta(gt=0, le=DAY, description="seconds a server gets to exit after SIGTERM")
     ] = 60.0
+    strict: Annotated[
+        bool,
+        Meta(
+            description="exit 1 unless every configuration ran without a failed request, "
+            "stopped cleanly on SIGTERM, and the plot was written (for CI)"
+        ),
+    ] = False
 
 
 def _unwrap(annotation: Any) -> tuple[Any, Meta | None]:

@@ -21,6 +21,7 @@ so its base64 text is computed once too: a data URL is a join of precomputed str
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import math
 
@@ -42,7 +43,9 @@ _EOI = b"\xff\xd9"
 _MAX_VARIANTS = 4096
 
 
-def _photos() -> list[np.ndarray]:
+@functools.lru_cache(maxsize=1)
+def _photos() -> tuple[np.ndarray, ...]:
+    """The sample photos (read once per process; never written to)."""
     from skimage import data
 
     photos = []
@@ -51,7 +54,7 @@ def _photos() -> list[np.ndarray]:
         if isinstance(photo, tuple):  # stereo_motorcycle: (left, right, disparity)
             photo = photo[0]
         photos.append(np.ascontiguousarray(photo[..., :3]))
-    return photos
+    return tuple(photos)
 
 
 def _bases(width: int, height: int) -> list[np.ndarray]:

@@ -8,6 +8,7 @@ import os
 import platform
 import re
 import shlex
+from collections import Counter
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,7 @@ def run_result(config: BenchConfig, model_name: str, run: RunResult) -> dict[str
         "health": latency_summary([ms / 1000 for ms in run.health_ms], run.health_failed),
         "health_servers": run.health_servers,
         "connections_opened": run.num_connects,
+        "requests_by_kind": dict(Counter(r.kind for r in measured)),
         "images_sent": sum(1 for r in measured if r.kind == "image") * config.images_per_request,
         "first_errors": sorted({r.error for r in measured if r.error})[:5],
     }

@@ -20,6 +20,7 @@ blocks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections import Counter
@@ -150,7 +151,10 @@ class Run:
             ticker.cancel()
             if prober is not None:
                 self._window_closed.set()
-                await prober
+                if not self._window_open.is_set():
+                    prober.cancel()  # still waiting for a window that never opened
+                with contextlib.suppress(asyncio.CancelledError):
+                    await prober
             self._client.close()
             self._progress.update("done", self._finished, self._failed, force=True)
             self._progress.close()

@@ -141,12 +141,14 @@ class Sweep:
             "entries": [],
         }
         workloads: dict[Model, Workload] = {}
-        async with serving_images(self.config, images) as image_url_base:
+        async with serving_images(self.config, images) as image_server:
+            base_url = image_server.base_url if image_server else None
             for i, spec in enumerate(self.specs):
                 print(f"[{i + 1}/{len(self.specs)}] {spec.label}", file=sys.stderr, flush=True)
-                entry = await self._one(
-                    spec, extra, env, api_key, images, image_url_base, workloads
-                )
+                fetched = image_server.num_served if image_server else 0
+                entry = await self._one(spec, extra, env, api_key, images, base_url, workloads)
+                if image_server is not None:
+                    entry["images_fetched"] = image_server.num_served - fetched
                 doc["entries"].append(entry)
                 self._write_json(doc)
                 print(f"  {report_sweep.entry_line(entry)}", file=sys.stderr, flush=True)
@@ -165,6 +167,7 @@ class Sweep:
         entry: dict[str, Any] = {"label": spec.label, "flags": spec.flags()}
         log = self.out_dir / f"serve-{spec.slug}.log"
         server = ServedFanin.start(self.model_dir, spec.flags() + extra, log, env)
+        entry["pid"] = server.pid
         try:
             problem = await server.wait_ready(self.sweep.server_start_timeout, api_key)
             if problem is not None:
@@ -216,7 +219,7 @@ def sweep_main(argv: list[str]) -> int:
     command = ["fanin", "bench", "sweep", *argv, *(["--", *serve_args] if serve_args else [])]
     print(f"fanin bench sweep: {len(specs)} configurations, results in {out_dir}", file=sys.stderr)
     raise_open_files_limit()
-    plan = Sweep(config, sweep, specs, args.model, serve_args, out_dir, command)
+    plan = Sweep(config, sweep, specs, args.model_dir, serve_args, out_dir, command)
     try:
         doc = run_async(plan.run())
     except (BenchError, WorkloadError) as e:
@@ -231,5 +234,24 @@ def sweep_main(argv: list[str]) -> int:
         + (f", {out_dir / 'sweep.png'}" if plotted else " (no plot: matplotlib is missing)"),
         file=sys.stderr,
     )
+    problems = strict_problems(doc, plotted) if sweep.strict else []
+    for problem in problems:
+        print(f"fanin bench sweep: --strict: {problem}", file=sys.stderr)
     ran = [e for e in doc["entries"] if e["status"] == "ok"]
-    return 0 if ran else 1
+    return 0 if ran and not problems else 1
+
+
+def strict_problems(doc: dict[str, Any], plotted: bool) -> list[str]:
+    """What makes a sweep fail under ``--strict``."""
+    problems = []
+    for e in doc["entries"]:
+        if e["status"] != "ok":
+            problems.append(f"{e['label']}: {e['status']}: {e.get('error', '')}")
+        elif e["metrics"]["failed"]:
+            problems.append(f"{e['label']}: {e['metrics']['failed']} requests failed")
+        if e["stop"]["exit_code"] != 0 or e["stop"]["killed"]:
+            stop = e["stop"]
+            problems.append(f"{e['label']}: exit code {stop['exit_code']}, killed {stop['killed']}")
+    if not plotted:
+        problems.append("no plot (matplotlib is missing)")
+    return problems
