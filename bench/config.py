@@ -180,6 +180,18 @@ class SweepConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     server_stop_timeout: Annotated[
         float, Meta(gt=0, le=DAY, description="seconds a server gets to exit after SIGTERM")
     ] = 60.0
+    time_budget: (
+        Annotated[
+            float,
+            Meta(
+                gt=0,
+                le=DAY,
+                description="seconds the whole sweep may take: a configuration that would not "
+                "fit (judged by the slowest so far) is skipped and reported",
+            ),
+        ]
+        | None
+    ) = None
     strict: Annotated[
         bool,
         Meta(

@@ -171,9 +171,9 @@ class Client:
     async def request(
         self, parts: Sequence[bytes], handler: Handler, timeout: float, connect_timeout: float = 10
     ) -> None:
-        """Send ``parts`` and feed the response to ``handler``; raises ``HttpError``. A reused
-        connection that the server had closed while idle is retried once on a fresh one, but
-        only when not a byte of response came back."""
+        """Send ``parts`` and feed the response to ``handler``; raises ``HttpError``. When a
+        reused connection turns out closed by the server while idle (not a byte of response
+        came back), the request goes again on another connection."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:

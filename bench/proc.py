@@ -156,17 +156,23 @@ def listener_pid(port: int) -> int | None:
 
 
 def wait_gone(pids: list[int], timeout: float) -> list[int]:
-    """Wait (on pidfds, no polling) until every pid has exited; returns those still alive."""
+    """Wait (on pidfds, all in one selector) until every pid has exited or ``timeout`` has
+    passed; returns those still alive."""
     deadline = time.monotonic() + timeout
+    fds = []
     for pid in pids:
         try:
-            fd = os.pidfd_open(pid)
+            fds.append(os.pidfd_open(pid))
         except OSError:
-            continue
-        try:
-            with selectors.DefaultSelector() as sel:
-                sel.register(fd, selectors.EVENT_READ)
-                sel.select(max(0.0, deadline - time.monotonic()))
-        finally:
+            continue  # gone already
+    try:
+        with selectors.DefaultSelector() as waiting:
+            for fd in fds:
+                waiting.register(fd, selectors.EVENT_READ)
+            while waiting.get_map() and (left := deadline - time.monotonic()) > 0:
+                for key, _ in waiting.select(left):
+                    waiting.unregister(key.fd)
+    finally:
+        for fd in fds:
             os.close(fd)
     return [pid for pid in pids if is_alive(pid)]

@@ -73,7 +73,7 @@ def run_result(config: BenchConfig, model_name: str, run: RunResult) -> dict[str
         "metrics": summarize(measured, run.duration, config.percentiles, config.goodput_slos),
         "warmup_requests": sum(1 for r in run.records if r.is_warmup),
         "servers": server_share(measured),
-        "health": latency_summary([ms / 1000 for ms in run.health_ms], run.health_failed),
+        "health": latency_summary(run.health_s, run.health_failed),
         "health_servers": run.health_servers,
         "connections_opened": run.num_connects,
         "requests_by_kind": dict(Counter(r.kind for r in measured)),

@@ -164,18 +164,17 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
             rps.annotate(f"{v / values[0]:.2f}x", (bar.get_x() + bar.get_width() / 2, v),
                          ha="center", va="bottom", fontsize=8)  # fmt: skip
     rps.set_title("request throughput (req/s), ratio to the first")
-    health.plot(x, [e["health"]["p99_ms"] for e in entries], "o-", label="p99")
-    health.plot(x, [e["health"]["max_ms"] for e in entries], "s--", label="max")
-    health.plot(x, [e["health"]["median_ms"] for e in entries], "^:", label="median")
-    health.set_yscale("log")
-    health.set_title("/health latency (ms)")
-    health.legend()
-    ttft.plot(x, [e["metrics"]["median_ttft_ms"] for e in entries], "o-", label="TTFT median")
-    ttft.plot(x, [e["metrics"]["p99_ttft_ms"] for e in entries], "s--", label="TTFT p99")
-    ttft.plot(x, [e["metrics"]["median_e2el_ms"] for e in entries], "^:", label="E2E median")
-    ttft.set_yscale("log")
-    ttft.set_title("latency (ms)")
-    ttft.legend()
+    series = {
+        health: ("/health latency (ms)", "health", ("p99_ms", "max_ms", "median_ms")),
+        ttft: ("latency (ms)", "metrics", ("median_ttft_ms", "p99_ttft_ms", "median_e2el_ms")),
+    }
+    for ax, (title, part, keys) in series.items():
+        for key, style in zip(keys, ("o-", "s--", "^:"), strict=True):
+            label = key.removesuffix("_ms").replace("_e2el", " E2E").replace("_ttft", " TTFT")
+            ax.plot(x, [e[part][key] for e in entries], style, label=label)
+        ax.set_yscale("log")
+        ax.set_title(title)
+        ax.legend()
     server = [e["cpu"].get("server_cores_busy", 0.0) for e in entries]
     bench = [e["cpu"].get("generator_cores_busy", 0.0) for e in entries]
     cores.bar(x, server, label="server")

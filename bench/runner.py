@@ -49,7 +49,7 @@ class RunResult:
     records: list[RequestRecord]
     window_start: float
     window_end: float
-    health_ms: list[float] = field(default_factory=list)
+    health_s: list[float] = field(default_factory=list)
     health_failed: int = 0
     health_servers: dict[str, int] = field(default_factory=dict)
     server_cpu: tuple[proc.CpuSample, proc.CpuSample] | None = None
@@ -100,9 +100,12 @@ class Run:
         self.workload = workload
         self.server_root = server_root
         self._client = Client(target, keep_alive=config.keep_alive)
-        headers = [("Content-Type", "application/json"), ("Accept", "text/event-stream")]
-        self._headers = headers + auth_headers(api_key)
         self._auth = auth_headers(api_key)
+        self._headers = [
+            ("Content-Type", "application/json"),
+            ("Accept", "text/event-stream"),
+            *self._auth,
+        ]
         self._path = _PATHS[config.endpoint_type]
         self._records: list[RequestRecord] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -112,16 +115,17 @@ class Run:
         self._failed = 0
         self._window_open = asyncio.Event()
         self._window_closed = asyncio.Event()
+        self._warm_end = self._stop_at = 0.0  # set when the run starts
         self._window_start = 0.0
         self._window_end = 0.0
         self._last_measured_end = 0.0
         self._server_cpu: list[proc.CpuSample] = []
         self._generator_cpu: list[proc.CpuSample] = []
-        self._health_ms: list[float] = []
+        self._health_s: list[float] = []
         self._health_failed = 0
         self._health_servers: Counter[str] = Counter()
-        cfg = config
-        self._progress = Progress(len(workload), cfg.warmup_seconds + cfg.duration, cfg.progress)
+        seconds = config.warmup_seconds + config.duration
+        self._progress = Progress(len(workload), seconds, config.progress)
 
     async def execute(self) -> RunResult:
         cfg = self.config
@@ -169,7 +173,7 @@ class Run:
             records=self._records,
             window_start=self._window_start,
             window_end=self._last_measured_end or self._window_end,
-            health_ms=self._health_ms,
+            health_s=self._health_s,
             health_failed=self._health_failed,
             health_servers=dict(self._health_servers),
             server_cpu=(cpu[0], cpu[1]) if len(cpu) == 2 else None,
@@ -295,5 +299,5 @@ class Run:
         if handler.status != 200:
             self._health_failed += 1
             return
-        self._health_ms.append((time.perf_counter() - start) * 1000)
+        self._health_s.append(time.perf_counter() - start)
         self._health_servers[handler.server or "?"] += 1

@@ -14,11 +14,13 @@ that ran) and the plots.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import re
 import sys
+import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ from bench.cli import (
     write_text,
 )
 from bench.config import BenchConfig, SweepConfig, from_args, validate
+from bench.images import DistinctImages
 from bench.report import machine, run_result
 from bench.runner import Run
 from bench.serve import ServedFanin
@@ -113,6 +116,18 @@ def parse_env(items: list[str] | None) -> dict[str, str]:
 
 
 @dataclass
+class _Context:
+    """What every configuration of one sweep shares while it runs."""
+
+    api_key: str | None
+    env: dict[str, str]
+    flags: list[str]  # for every `fanin serve`, after the configuration's own
+    images: DistinctImages | None
+    image_url_base: str | None
+    workloads: dict[Model, Workload] = field(default_factory=dict)  # one per served model
+
+
+@dataclass
 class Sweep:
     """Everything one sweep needs, decided before the first server starts."""
 
@@ -125,12 +140,10 @@ class Sweep:
     command: list[str]
 
     async def run(self) -> dict[str, Any]:
-        api_key = api_key_of(self.config)
-        images = image_source(self.config)
         env = parse_env(self.sweep.env)
-        extra = list(self.serve_args)
+        flags = list(self.serve_args)
         if self.config.image_transport == "http":
-            extra.append("--allow-private-media-urls")  # the photos come from 127.0.0.1
+            flags.append("--allow-private-media-urls")  # the photos come from 127.0.0.1
         doc: dict[str, Any] = {
             "machine": machine(),
             "command": self.command,
@@ -140,44 +153,60 @@ class Sweep:
             "workload": msgspec.to_builtins(self.config),
             "entries": [],
         }
-        workloads: dict[Model, Workload] = {}
+        budget = self.sweep.time_budget
+        deadline = time.monotonic() + budget if budget else math.inf
+        # What a configuration takes at the least: its run, and half a minute to start and stop.
+        slowest = self.config.warmup_seconds + self.config.duration + 30
+        images = image_source(self.config)
         async with serving_images(self.config, images) as image_server:
-            base_url = image_server.base_url if image_server else None
+            context = _Context(
+                api_key_of(self.config),
+                env,
+                flags,
+                images,
+                image_server.base_url if image_server else None,
+            )
             for i, spec in enumerate(self.specs):
                 print(f"[{i + 1}/{len(self.specs)}] {spec.label}", file=sys.stderr, flush=True)
-                fetched = image_server.num_served if image_server else 0
-                entry = await self._one(spec, extra, env, api_key, images, base_url, workloads)
-                if image_server is not None:
-                    entry["images_fetched"] = image_server.num_served - fetched
+                left = deadline - time.monotonic()
+                entry: dict[str, Any]
+                if left < slowest:
+                    entry = {
+                        "label": spec.label,
+                        "status": "skipped",
+                        "error": f"--time-budget: {max(0, left):.0f} s left, a configuration "
+                        f"may take {slowest:.0f} s",
+                    }
+                else:
+                    started = time.monotonic()
+                    fetched = image_server.num_served if image_server else 0
+                    entry = await self._one(spec, context)
+                    if image_server is not None:
+                        entry["images_fetched"] = image_server.num_served - fetched
+                    slowest = max(slowest, time.monotonic() - started)
                 doc["entries"].append(entry)
                 self._write_json(doc)
                 print(f"  {report_sweep.entry_line(entry)}", file=sys.stderr, flush=True)
         return doc
 
-    async def _one(
-        self,
-        spec: ServerSpec,
-        extra: list[str],
-        env: dict[str, str],
-        api_key: str | None,
-        images: Any,
-        image_url_base: str | None,
-        workloads: dict[Model, Workload],
-    ) -> dict[str, Any]:
+    async def _one(self, spec: ServerSpec, context: _Context) -> dict[str, Any]:
         entry: dict[str, Any] = {"label": spec.label, "flags": spec.flags()}
         log = self.out_dir / f"serve-{spec.slug}.log"
-        server = ServedFanin.start(self.model_dir, spec.flags() + extra, log, env)
+        server = ServedFanin.start(self.model_dir, spec.flags() + context.flags, log, context.env)
         entry["pid"] = server.pid
         try:
-            problem = await server.wait_ready(self.sweep.server_start_timeout, api_key)
+            problem = await server.wait_ready(self.sweep.server_start_timeout, context.api_key)
             if problem is not None:
                 entry.update(status="failed to start", error=problem, log_tail=server.log_tail())
                 return entry
-            model = await fetch_model(server.target, self.config.model, api_key)
-            if model not in workloads:
-                workloads[model] = Workload(self.config, model, images, image_url_base)
+            model = await fetch_model(server.target, self.config.model, context.api_key)
+            if model not in context.workloads:
+                context.workloads[model] = Workload(
+                    self.config, model, context.images, context.image_url_base
+                )
             config = msgspec.structs.replace(self.config, base_url=server.target.origin)
-            run = Run(config, server.target, workloads[model], server.pid, api_key)
+            workload = context.workloads[model]
+            run = Run(config, server.target, workload, server.pid, context.api_key)
             result = await run.execute()
             entry.update(status="ok", **run_result(config, model.name, result))
         except (BenchError, WorkloadError, RuntimeError, OSError) as e:
@@ -249,8 +278,8 @@ def strict_problems(doc: dict[str, Any], plotted: bool) -> list[str]:
             problems.append(f"{e['label']}: {e['status']}: {e.get('error', '')}")
         elif e["metrics"]["failed"]:
             problems.append(f"{e['label']}: {e['metrics']['failed']} requests failed")
-        if e["stop"]["exit_code"] != 0 or e["stop"]["killed"]:
-            stop = e["stop"]
+        stop = e.get("stop")  # none for a configuration skipped before it started
+        if stop and (stop["exit_code"] != 0 or stop["killed"]):
             problems.append(f"{e['label']}: exit code {stop['exit_code']}, killed {stop['killed']}")
     if not plotted:
         problems.append("no plot (matplotlib is missing)")

@@ -50,12 +50,12 @@ class Stub:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 request_line, *lines = head.decode().split("\r\n")
-                method, path, _ = request_line.split(" ")
+                _, path, _ = request_line.split(" ")
                 headers = dict(line.split(": ", 1) for line in lines if line)
                 body = await reader.readexactly(int(headers.get("Content-Length", "0")))
                 if path == self.hang_path:
                     await asyncio.sleep(3600)
-                keep = await self._answer(writer, method, path, body, str(index % 2))
+                keep = await self._answer(writer, path, body, str(index % 2))
                 if not keep or headers.get("Connection") == "close":
                     break
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
@@ -67,30 +67,19 @@ class Stub:
                 await writer.wait_closed()
 
     async def _answer(
-        self, writer: asyncio.StreamWriter, method: str, path: str, body: bytes, server: str
+        self, writer: asyncio.StreamWriter, path: str, body: bytes, server: str
     ) -> bool:
         self._responses += 1
         keep = not (self.close_every and self._responses % self.close_every == 0)
         common = f"x-fanin-server: {server}\r\nConnection: {'keep-alive' if keep else 'close'}\r\n"
         if path == "/health":
             self.health_hits += 1
-            payload = b'{"status":"ok"}'
-            writer.write(
-                f"HTTP/1.1 200 OK\r\n{common}Content-Type: application/json\r\n"
-                f"Content-Length: {len(payload)}\r\n\r\n".encode()
-                + payload
-            )
-            await writer.drain()
+            await _json(writer, "200 OK", common, b'{"status":"ok"}')
             return keep
         self.bodies.append(body)
         if self.reject_every and len(self.bodies) % self.reject_every == 0:
-            payload = b'{"error": {"message": "too busy", "type": "rate_limit", "code": 429}}'
-            writer.write(
-                f"HTTP/1.1 429 Too Many Requests\r\n{common}Retry-After: 1\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
-                + payload
-            )
-            await writer.drain()
+            error = b'{"error": {"message": "too busy", "type": "rate_limit", "code": 429}}'
+            await _json(writer, "429 Too Many Requests", common + "Retry-After: 1\r\n", error)
             return keep
         writer.write(
             f"HTTP/1.1 200 OK\r\n{common}Content-Type: text/event-stream; charset=utf-8\r\n"
@@ -116,3 +105,9 @@ class Stub:
     async def _chunk(self, writer: asyncio.StreamWriter, data: bytes) -> None:
         writer.write(b"%x\r\n%s\r\n" % (len(data), data))
         await writer.drain()
+
+
+async def _json(writer: asyncio.StreamWriter, status: str, headers: str, payload: bytes) -> None:
+    head = f"HTTP/1.1 {status}\r\n{headers}Content-Type: application/json\r\n"
+    writer.write(f"{head}Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+    await writer.drain()

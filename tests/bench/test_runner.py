@@ -55,7 +55,7 @@ def test_closed_loop_counts_429s_and_streams() -> None:
     assert len(set(urls)) == 24 and all(u.startswith("data:image/jpeg;base64,") for u in urls)
     # Keep-alive: far fewer connections than requests, though the stub closes some.
     assert 3 <= run.num_connects < 24
-    assert run.health_ms and run.health_failed == 0 and stub.health_hits == len(run.health_ms)
+    assert run.health_s and run.health_failed == 0 and stub.health_hits == len(run.health_s)
     result = run_result(_config(), "stub", run)
     m = result["metrics"]
     assert (m["completed"], m["failed"], m["rate_limited"]) == (18, 6, 6)

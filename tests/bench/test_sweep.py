@@ -37,6 +37,22 @@ def test_frontend_preset_follows_the_issue_up_to_the_cores() -> None:
     ]  # fmt: skip
 
 
+def test_configurations_past_the_time_budget_are_skipped_not_started(tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    done = run_fanin(
+        "bench", "sweep", "--configs", "1x1", "2x1", "--duration", "5", "--time-budget", "2",
+        "--result-dir", str(out), cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 1  # nothing ran
+    doc = json.loads((out / "sweep.json").read_text())
+    assert [(e["label"], e["status"]) for e in doc["entries"]] == [
+        ("pool 1x1", "skipped"),
+        ("pool 2x1", "skipped"),
+    ]
+    assert all("pid" not in e for e in doc["entries"])
+    assert "- pool 2x1: skipped: --time-budget" in (out / "sweep.md").read_text()
+
+
 @pytest.mark.slow
 def test_sweep_of_two_configurations_and_one_that_cannot_start(
     default_model_dir: Path, tmp_path: Path
