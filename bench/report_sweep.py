@@ -70,8 +70,8 @@ def markdown(doc: dict[str, Any]) -> str:
     entries = doc["entries"]
     base = _baseline(entries)
     machine = doc["machine"]
-    model = base["model"] if base else "?"
     model_dir = doc.get("model_dir")
+    model = base["model"] if base else Path(model_dir).name if model_dir else "default model"
     lines = [
         f"## fanin bench sweep: {model}",
         "",

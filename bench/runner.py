@@ -94,10 +94,14 @@ class Run:
         workload: Workload,
         server_root: int | None = None,
         api_key: str | None = None,
+        give_up_at: float = math.inf,
     ) -> None:
         self.config = config
         self.target = target
         self.workload = workload
+        # perf_counter time past which requests still in flight are cancelled (a sweep's
+        # --time-budget); each counts as failed.
+        self.give_up_at = give_up_at
         self.server_root = server_root
         self._client = Client(target, keep_alive=config.keep_alive)
         self._auth = auth_headers(api_key)
@@ -144,9 +148,11 @@ class Run:
             await self._send_all()
             self._is_sending = False
             if self._tasks:
-                await asyncio.wait(set(self._tasks), timeout=cfg.request_timeout + 10)
+                left = min(cfg.request_timeout + 10, self.give_up_at - time.perf_counter())
+                await asyncio.wait(set(self._tasks), timeout=max(0.0, left))
             for task in self._tasks:
-                task.cancel()  # past its own timeout: cannot happen unless the loop stalled
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
             if self._window_open.is_set():
                 self._close_window()
         finally:
@@ -163,9 +169,11 @@ class Run:
             self._progress.update("done", self._finished, self._failed, force=True)
             self._progress.close()
         if not self._window_open.is_set() or not any(not r.is_warmup for r in self._records):
+            done = sum(1 for r in self._records if r.success)
             raise RuntimeError(
-                f"all {len(self._records)} requests went out during the warm-up: raise "
-                "--num-prompts or shorten --warmup-seconds"
+                f"no request went out in the measured window: {len(self._records)} went out "
+                f"in the warm-up ({done} of them completed); lengthen --duration (or raise "
+                "--num-prompts)"
             )
         cpu = self._server_cpu
         gen = self._generator_cpu
@@ -230,6 +238,9 @@ class Run:
             record.error = f"connection: {e}"
         except ValueError as e:  # the stream broke its format (bench/stream.py)
             record.error = str(e) if str(e).startswith("stream:") else f"stream: {e}"
+        except asyncio.CancelledError:
+            record.error = "cancelled: still in flight when the run's time was up"
+            raise
         finally:
             if slots is not None:
                 slots.release()

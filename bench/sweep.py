@@ -17,6 +17,7 @@ import asyncio
 import math
 import os
 import re
+import signal
 import sys
 import time
 import traceback
@@ -124,6 +125,7 @@ class _Context:
     flags: list[str]  # for every `fanin serve`, after the configuration's own
     images: DistinctImages | None
     image_url_base: str | None
+    deadline: float  # time.monotonic() at which --time-budget runs out (inf: none)
     workloads: dict[Model, Workload] = field(default_factory=dict)  # one per served model
 
 
@@ -140,6 +142,13 @@ class Sweep:
     command: list[str]
 
     async def run(self) -> dict[str, Any]:
+        """Every configuration in turn; SIGTERM or SIGINT cancels this, which still stops the
+        server of the configuration that runs (``_one``'s ``finally``) before it ends."""
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, task.cancel)
         env = parse_env(self.sweep.env)
         flags = list(self.serve_args)
         if self.config.image_transport == "http":
@@ -165,6 +174,7 @@ class Sweep:
                 flags,
                 images,
                 image_server.base_url if image_server else None,
+                deadline,
             )
             for i, spec in enumerate(self.specs):
                 print(f"[{i + 1}/{len(self.specs)}] {spec.label}", file=sys.stderr, flush=True)
@@ -195,7 +205,10 @@ class Sweep:
         server = ServedFanin.start(self.model_dir, spec.flags() + context.flags, log, context.env)
         entry["pid"] = server.pid
         try:
-            problem = await server.wait_ready(self.sweep.server_start_timeout, context.api_key)
+            start_timeout = min(
+                self.sweep.server_start_timeout, context.deadline - time.monotonic()
+            )
+            problem = await server.wait_ready(max(1.0, start_timeout), context.api_key)
             if problem is not None:
                 entry.update(status="failed to start", error=problem, log_tail=server.log_tail())
                 return entry
@@ -206,7 +219,8 @@ class Sweep:
                 )
             config = msgspec.structs.replace(self.config, base_url=server.target.origin)
             workload = context.workloads[model]
-            run = Run(config, server.target, workload, server.pid, context.api_key)
+            give_up_at = time.perf_counter() + (context.deadline - time.monotonic())
+            run = Run(config, server.target, workload, server.pid, context.api_key, give_up_at)
             result = await run.execute()
             entry.update(status="ok", **run_result(config, model.name, result))
         except (BenchError, WorkloadError, RuntimeError, OSError) as e:
@@ -254,6 +268,9 @@ def sweep_main(argv: list[str]) -> int:
     except (BenchError, WorkloadError) as e:
         print(f"fanin bench sweep: error: {e}", file=sys.stderr)
         return 1
+    except asyncio.CancelledError:
+        print(f"fanin bench sweep: stopped; what ran is in {out_dir}", file=sys.stderr)
+        return 130
     markdown = report_sweep.markdown(doc)
     write_text(out_dir / "sweep.md", markdown)
     plotted = report_sweep.plot(doc, out_dir / "sweep.png")

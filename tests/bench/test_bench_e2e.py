@@ -29,7 +29,8 @@ def test_every_dataset_against_the_real_server(fanin_server: ServedFanin, tmp_pa
     done = run_fanin(
         "bench", "--base-url", fanin_server.target.origin, *SMALL, "--num-prompts", "16",
         "--max-concurrency", "4", "--dataset", "image:0.5,sharegpt:0.25,random:0.25",
-        "--random-input-len", "32", "--result-dir", str(out), cwd=tmp_path,
+        "--random-input-len", "32", "--goodput", "ttft:600000", "e2e:600000",
+        "--result-dir", str(out), cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     result = _result(out)
@@ -37,6 +38,7 @@ def test_every_dataset_against_the_real_server(fanin_server: ServedFanin, tmp_pa
     assert (m["completed"], m["failed"]) == (16, 0), result["first_errors"]
     assert m["total_output_tokens"] == 16 * 4  # ignore_eos: exactly the asked length
     assert m["total_input_tokens"] > 16 * 8 and m["mean_ttft_ms"] > 0 and m["mean_itl_ms"] > 0
+    assert m["request_goodput"] == m["request_throughput"]  # SLOs of ten minutes: all met
     kinds = result["requests_by_kind"]
     assert set(kinds) == {"image", "sharegpt", "random"} and sum(kinds.values()) == 16
     assert result["images_sent"] == kinds["image"]
@@ -62,6 +64,23 @@ def test_photos_as_http_urls_are_fetched_from_the_bench(
     result = _result(out)
     assert result["metrics"]["completed"] == 6 and result["metrics"]["failed"] == 0
     assert result["images_sent"] == result["images_fetched"] == 12
+
+
+def test_completions_endpoint_with_random_prompts(
+    fanin_server: ServedFanin, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    done = run_fanin(
+        "bench", "--base-url", fanin_server.target.origin, *SMALL, "--num-prompts", "4",
+        "--endpoint-type", "completions", "--dataset", "random", "--random-input-len", "64",
+        "--no-keep-alive", "--result-dir", str(out), cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = _result(out)
+    assert result["metrics"]["completed"] == 4 and result["metrics"]["total_output_tokens"] == 16
+    assert result["connections_opened"] == 4  # one per request without keep-alive
+    # Random token ids decode to text that tokenizes back to about as many tokens.
+    assert 4 * 32 < result["metrics"]["total_input_tokens"] < 4 * 256
 
 
 def test_unknown_model_and_unreachable_server_fail_clearly(

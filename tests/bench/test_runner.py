@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import msgspec
@@ -117,3 +118,18 @@ def test_all_requests_in_the_warmup_is_an_error() -> None:
 
     with pytest.raises(RuntimeError, match="warm-up"):
         asyncio.run(main())
+
+
+def test_requests_still_in_flight_at_the_give_up_time_are_cancelled_and_failed() -> None:
+    async def main() -> RunResult:
+        async with Stub(token_gap_s=5.0) as stub:
+            config = _config(num_prompts=2, max_concurrency=2, duration=0.2)
+            config = msgspec.structs.replace(config, base_url=stub.url)
+            workload = Workload(config, Model("stub"), IMAGES)
+            give_up_at = time.perf_counter() + 0.5
+            return await Run(
+                config, parse_target(stub.url), workload, give_up_at=give_up_at
+            ).execute()
+
+    run = asyncio.run(main())
+    assert [r.error.split(":")[0] for r in run.records] == ["cancelled", "cancelled"]

@@ -6,6 +6,10 @@ grammar and the frontend preset."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -93,3 +97,30 @@ def test_sweep_of_two_configurations_and_one_that_cannot_start(
         f"pool 1x99: failed to start: {first['error']}",
         "pool 1x99: exit code 2, killed []",
     ]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_sweep_and_its_server(default_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "apiserver.cli", "bench", "sweep", str(default_model_dir),
+         "--configs", "1x1", "--duration", "600", "--max-concurrency", "1",
+         "--image-size", "64x48", "--output-len", "2", "--result-dir", str(out)],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        log = out / "serve-pool-1x1.log"
+        deadline = time.monotonic() + 240
+        while "ready:" not in (log.read_text() if log.exists() else ""):
+            assert sweep.poll() is None and time.monotonic() < deadline, sweep.stderr
+            time.sleep(0.2)
+        (launcher,) = [p for p in proc.descendants(sweep.pid) if proc.session_members(p)]
+        tree = proc.session_members(launcher)
+        sweep.send_signal(signal.SIGTERM)
+        assert sweep.wait(120) == 130
+    finally:
+        sweep.kill()
+        sweep.wait()
+    assert proc.wait_gone(tree, 10) == []
+    doc = json.loads((out / "sweep.json").read_text()) if (out / "sweep.json").exists() else None
+    assert doc is None  # nothing finished, and nothing pretends to have
