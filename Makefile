@@ -41,7 +41,7 @@ bench-ipc: install
 bench-smoke: install
 	out=$$(mktemp -d) && trap 'rm -rf "$$out"' EXIT && \
 	$(BIN)/fanin bench sweep --strict --configs inline:1x1 pool:2x1 --max-concurrency 4 \
-		--image-size 256x192 --output-len 4 --ignore-eos --warmup-seconds 1 --duration 3 \
+		--image-size 256x192 --output-len 4 --ignore-eos --warmup-seconds 1 --duration 4 \
 		--num-prompts 400 --no-progress --result-dir "$$out"
 
 clean:

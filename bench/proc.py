@@ -42,13 +42,13 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def session_members(sid: int) -> list[int]:
-    """Live processes of session ``sid`` (zombies left out)."""
+def session_members(sessions: set[int]) -> list[int]:
+    """Live processes (zombies left out) whose session id is one of ``sessions``."""
     members = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             fields = _stat_fields(int(entry))
-            if fields and fields[0] != "Z" and int(fields[3]) == sid:
+            if fields and fields[0] != "Z" and int(fields[3]) in sessions:
                 members.append(int(entry))
     return members
 

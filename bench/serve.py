@@ -123,8 +123,9 @@ class ServedFanin:
                 self._kill([self.pid])
                 self.proc.wait()
         left = proc.wait_gone(tree, _AFTER_LAUNCHER_S)
-        # A process the tree snapshot missed (started during shutdown) is still in the session.
-        left += [p for p in proc.session_members(self.pid) if p not in left]
+        # A process the snapshot missed (started during shutdown) is still in the session of
+        # the launcher or of one of its children (fanin gives each child a session of its own).
+        left += [p for p in proc.session_members({self.pid, *tree}) if p not in left]
         if left:
             killed += [names.get(pid) or proc.process_name(pid) for pid in left]
             self._kill(left)

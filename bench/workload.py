@@ -83,20 +83,15 @@ class Workload:
         images: DistinctImages | None = None,
         image_url_base: str | None = None,
     ) -> None:
-        self.config = config
-        self.model = model
         self._images = images
         self._image_url_base = image_url_base
         self.requests = _build(config, model)
-        if any(r.kind == "image" for r in self.requests) and images is None:
-            raise WorkloadError("image requests need a DistinctImages")
+        num_images = sum(1 for r in self.requests if r.kind == "image") * config.images_per_request
+        if num_images and (images is None or images.capacity < num_images):
+            raise WorkloadError(f"the run needs {num_images} distinct photos; too few were made")
 
     def __len__(self) -> int:
         return len(self.requests)
-
-    @property
-    def num_images(self) -> int:
-        return images_needed(self.config, len(self.requests))
 
     def body(self, i: int) -> list[bytes]:
         """Request ``i``'s JSON body, in pieces."""

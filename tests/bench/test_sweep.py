@@ -66,7 +66,7 @@ def test_sweep_of_two_configurations_and_one_that_cannot_start(
         "bench", "sweep", str(default_model_dir),
         "--configs", "pool:1x99", "inline:1x1", "pool:2x1",
         "--max-concurrency", "3", "--num-prompts", "200", "--image-size", "96x64",
-        "--output-len", "3", "--ignore-eos", "--warmup-seconds", "0.5", "--duration", "2",
+        "--output-len", "3", "--ignore-eos", "--duration", "3",
         "--server-start-timeout", "240", "--result-dir", str(out),
         "--", "--served-model-name", "sweep-model",
         cwd=tmp_path, timeout=600,
@@ -86,7 +86,8 @@ def test_sweep_of_two_configurations_and_one_that_cannot_start(
         assert m["total_output_tokens"] == 3 * m["completed"]
         assert entry["stop"]["exit_code"] == 0 and entry["stop"]["killed"] == []
         assert entry["cpu"]["server_cores_busy"] > 0 and entry["health"]["count"] > 0
-        assert proc.session_members(entry["pid"]) == []  # nothing of that server is left
+        assert not proc.is_alive(entry["pid"])
+        assert proc.session_members({entry["pid"]}) == []  # nothing of that server is left
     markdown = (out / "sweep.md").read_text()
     assert "| inline 1x1 |" in markdown and "| pool 2x1 |" in markdown
     assert "against inline 1x1" in markdown and "| 1.00x |" in markdown
@@ -102,25 +103,26 @@ def test_sweep_of_two_configurations_and_one_that_cannot_start(
 @pytest.mark.slow
 def test_sigterm_stops_the_sweep_and_its_server(default_model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "sweep"
-    sweep = subprocess.Popen(
-        [sys.executable, "-m", "apiserver.cli", "bench", "sweep", str(default_model_dir),
-         "--configs", "1x1", "--duration", "600", "--max-concurrency", "1",
-         "--image-size", "64x48", "--output-len", "2", "--result-dir", str(out)],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    with (tmp_path / "sweep.err").open("w") as err:
+        sweep = subprocess.Popen(
+            [sys.executable, "-m", "apiserver.cli", "bench", "sweep", str(default_model_dir),
+             "--configs", "1x1", "--duration", "600", "--max-concurrency", "1",
+             "--image-size", "64x48", "--output-len", "2", "--result-dir", str(out)],
+            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err,
+        )  # fmt: skip
     try:
         log = out / "serve-pool-1x1.log"
         deadline = time.monotonic() + 240
         while "ready:" not in (log.read_text() if log.exists() else ""):
-            assert sweep.poll() is None and time.monotonic() < deadline, sweep.stderr
+            assert sweep.poll() is None and time.monotonic() < deadline, sweep.returncode
             time.sleep(0.2)
-        (launcher,) = [p for p in proc.descendants(sweep.pid) if proc.session_members(p)]
-        tree = proc.session_members(launcher)
+        descendants = proc.descendants(sweep.pid)
+        (launcher,) = [p for p in descendants if proc.process_name(p) == "fanin-launcher"]
         sweep.send_signal(signal.SIGTERM)
         assert sweep.wait(120) == 130
     finally:
         sweep.kill()
         sweep.wait()
-    assert proc.wait_gone(tree, 10) == []
-    doc = json.loads((out / "sweep.json").read_text()) if (out / "sweep.json").exists() else None
-    assert doc is None  # nothing finished, and nothing pretends to have
+    assert "stopped; what ran is in" in (tmp_path / "sweep.err").read_text()
+    assert proc.wait_gone([launcher, *descendants], 10) == []
+    assert not (out / "sweep.json").exists()  # nothing finished, and nothing pretends to have
