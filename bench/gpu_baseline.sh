@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Issue 9 item 4: the frontend baseline on the GPU machine, in one unattended command.
-#   1. build the default model and sweep it: inline 1x1, pool 1x1, 1x4, 1x16, 2x2, 4x2, 8x2,
-#      12x1, 16x1 (N x W = --api-server-count N --renderer-num-workers W);
-#   2. build the Qwen2-VL-2B-shaped model (bench/qwen2vl_2b.py) and sweep 1x4, 4x2, 8x2.
+#   1. build the default model and the Qwen2-VL-2B-shaped one (bench/qwen2vl_2b.py);
+#   2. sweep the default model: inline 1x1, pool 1x1, 1x4, 1x16, 2x2, 4x2, 8x2, 12x1, 16x1
+#      (N x W = --api-server-count N --renderer-num-workers W);
+#   3. sweep the 2B-shaped model: 1x4, 4x2, 8x2.
 # Workload: 64 closed-loop clients, a distinct 1024x768 photo per request (data URL), 16
 # output tokens with ignore_eos, WARMUP_S of warm-up then MEASURE_S measured per configuration.
-# Everything fits in BUDGET_S (default 540 s): each sweep gets a --time-budget and skips (and
-# reports) what would not fit, so the results written so far always come back.
+# Everything fits in BUDGET_S (default 550 s): both models are built first, then each sweep
+# gets a --time-budget and skips (and reports) what would not fit, so the results written so
+# far always come back.
 #
 # Usage: bench/gpu_baseline.sh OUT_DIR [MEASURE_S [WARMUP_S]]
-#   env: BUDGET_S (540), RESERVE_2B_S (time kept for step 2, 200), PYTHON (python3),
+#   env: BUDGET_S (550), RESERVE_2B_S (seconds kept for the 2B sweep, 220), PYTHON (python3),
 #        SWEEP_ENV (e.g. "OMP_NUM_THREADS=1", set in every server's environment)
 # Needs the repo root on PYTHONPATH (no install); writes OUT_DIR/{gpu.txt, default/, 2b/}, each
 # sweep folder with sweep.json, sweep.md (ready to paste), sweep.png and the servers' logs.
@@ -17,11 +19,12 @@ set -euo pipefail
 out=${1:?usage: bench/gpu_baseline.sh OUT_DIR [MEASURE_S [WARMUP_S]]}
 measure=${2:-10}
 warmup=${3:-3}
-budget=${BUDGET_S:-540}
-reserve_2b=${RESERVE_2B_S:-200}
+budget=${BUDGET_S:-550}
+reserve_2b=${RESERVE_2B_S:-220}
 py=${PYTHON:-python3}
 start=$(date +%s)
 left() { echo $((budget - ($(date +%s) - start))); }
+at_least_1() { echo $(($1 > 1 ? $1 : 1)); }
 
 mkdir -p "$out"
 work=$(mktemp -d)
@@ -44,21 +47,26 @@ common=(
 )
 
 $py -m apiserver.cli build-model "$work/default" >/dev/null
+# Both models first, so that the split of the time left between the two sweeps is known.
+has_2b=0
+echo "== building the Qwen2-VL-2B-shaped model ($(left) s left)"
+if timeout 180 $py bench/qwen2vl_2b.py "$work/2b" >/dev/null; then
+    has_2b=1
+else
+    echo "the 2B model build failed or took over 180 s: only the default model is swept"
+fi
+
 echo "== default model ($(left) s left)"
 $py -m apiserver.cli bench sweep "$work/default" "${common[@]}" \
     --configs inline:1x1 pool:1x1 pool:1x4 pool:1x16 2x2 4x2 8x2 12x1 16x1 \
-    --server-start-timeout 120 --time-budget $(($(left) - reserve_2b)) \
+    --server-start-timeout 120 --time-budget "$(at_least_1 $(($(left) - has_2b * reserve_2b)))" \
     --result-dir "$out/default" >"$out/default.stdout" || echo "default sweep: exit $?"
 
-echo "== Qwen2-VL-2B-shaped model ($(left) s left)"
-if (($(left) < 120)); then
-    echo "skipped: under 120 s left"
-elif timeout $(($(left) - 60)) $py bench/qwen2vl_2b.py "$work/2b" >/dev/null; then
+if ((has_2b)); then
+    echo "== Qwen2-VL-2B-shaped model ($(left) s left)"
     $py -m apiserver.cli bench sweep "$work/2b" "${common[@]}" --configs 1x4 4x2 8x2 \
-        --server-start-timeout 240 --time-budget "$(left)" \
+        --server-start-timeout 240 --time-budget "$(at_least_1 "$(left)")" \
         --result-dir "$out/2b" >"$out/2b.stdout" || echo "2B sweep: exit $?"
-else
-    echo "2B model build failed or ran out of time"
 fi
 
 echo

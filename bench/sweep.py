@@ -47,6 +47,7 @@ from bench.runner import Run
 from bench.serve import ServedFanin
 from bench.workload import Model, Workload, WorkloadError
 
+_STOP_RESERVE_S = 15.0  # what a server's stop takes, kept free of a --time-budget's end
 _SPEC = re.compile(r"^(?:(inline|pool):)?(\d{1,3})x(\d{1,3})$")
 
 
@@ -205,9 +206,9 @@ class Sweep:
         server = ServedFanin.start(self.model_dir, spec.flags() + context.flags, log, context.env)
         entry["pid"] = server.pid
         try:
-            start_timeout = min(
-                self.sweep.server_start_timeout, context.deadline - time.monotonic()
-            )
+            # Within --time-budget, the server's stop must fit too.
+            usable = context.deadline - _STOP_RESERVE_S - time.monotonic()
+            start_timeout = min(self.sweep.server_start_timeout, usable)
             problem = await server.wait_ready(max(1.0, start_timeout), context.api_key)
             if problem is not None:
                 entry.update(status="failed to start", error=problem, log_tail=server.log_tail())
@@ -219,7 +220,9 @@ class Sweep:
                 )
             config = msgspec.structs.replace(self.config, base_url=server.target.origin)
             workload = context.workloads[model]
-            give_up_at = time.perf_counter() + (context.deadline - time.monotonic())
+            give_up_at = time.perf_counter() + (
+                context.deadline - _STOP_RESERVE_S - time.monotonic()
+            )
             run = Run(config, server.target, workload, server.pid, context.api_key, give_up_at)
             result = await run.execute()
             entry.update(status="ok", **run_result(config, model.name, result))
