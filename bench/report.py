@@ -3,6 +3,7 @@ with ratios against its first configuration), ready to paste into bench/results/
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import platform
@@ -38,6 +39,12 @@ def machine() -> dict[str, Any]:
                 memory_gib = int(line.split()[1]) / (1 << 20)
     except OSError:
         pass
+    gpus = []
+    for info in sorted(Path("/proc/driver/nvidia/gpus").glob("*/information")):
+        with contextlib.suppress(OSError):
+            for line in info.read_text().splitlines():
+                if line.startswith("Model:"):
+                    gpus.append(line.split(":", 1)[1].strip())
     try:
         version = metadata.version("fanin")
     except metadata.PackageNotFoundError:
@@ -48,6 +55,7 @@ def machine() -> dict[str, Any]:
         if hasattr(os, "sched_getaffinity")
         else os.cpu_count(),
         "memory_gib": round(memory_gib, 1),
+        "gpus": gpus,
         "python": platform.python_version(),
         "platform": platform.platform(terse=True),
         "fanin": version,

@@ -76,7 +76,9 @@ def markdown(doc: dict[str, Any]) -> str:
         f"## fanin bench sweep: {model}",
         "",
         f"- Machine: {machine['cpu'] or 'CPU unknown'}, {machine['cores']} cores, "
-        f"{machine['memory_gib']:g} GiB; Python {machine['python']}, {machine['platform']}; "
+        f"{machine['memory_gib']:g} GiB"
+        + "".join(f", {gpu}" for gpu in machine.get("gpus", []))
+        + f"; Python {machine['python']}, {machine['platform']}; "
         f"fanin {machine['fanin']}; {machine['date']}",
         f"- Command: `{_command(doc)}`"
         + (f" (MODEL: a model directory named `{Path(model_dir).name}`)" if model_dir else ""),
