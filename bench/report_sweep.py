@@ -54,10 +54,16 @@ def _workload_line(w: dict[str, Any]) -> str:
 
 
 def _command(doc: dict[str, Any]) -> str:
-    """The command with the model directory shown as MODEL (no machine's path in reports)."""
+    """The command with the model directory shown as MODEL and the result folder as OUT (no
+    machine's paths in a report)."""
     command = list(doc["command"])
-    if doc.get("model_dir"):
-        command = ["MODEL" if c == doc["model_dir"] else c for c in command]
+    for i, word in enumerate(command):
+        if doc.get("model_dir") and word == doc["model_dir"]:
+            command[i] = "MODEL"
+        elif i and command[i - 1] == "--result-dir":
+            command[i] = "OUT"
+        elif word.startswith("--result-dir="):
+            command[i] = "--result-dir=OUT"
     return shlex.join(command)
 
 

@@ -92,7 +92,9 @@ def test_sweep_of_two_configurations_and_one_that_cannot_start(
     assert "| inline 1x1 |" in markdown and "| pool 2x1 |" in markdown
     assert "against inline 1x1" in markdown and "| 1.00x |" in markdown
     assert "- pool 1x99: failed to start" in markdown
-    assert str(default_model_dir) not in markdown  # the command shows MODEL instead
+    # The command shows MODEL and OUT instead of this machine's paths.
+    assert str(default_model_dir) not in markdown and str(out) not in markdown
+    assert "`fanin bench sweep MODEL --configs" in markdown and "--result-dir OUT" in markdown
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert strict_problems(doc, plotted=True) == [
         f"pool 1x99: failed to start: {first['error']}",
