@@ -18,7 +18,7 @@ import msgspec
 
 from bench import proc
 from bench.config import BenchConfig
-from bench.metrics import latency_summary, server_share, summarize
+from bench.metrics import latency_summary, served_in_window, server_share, summarize
 from bench.runner import RunResult
 
 
@@ -78,7 +78,10 @@ def run_result(config: BenchConfig, model_name: str, run: RunResult) -> dict[str
     result: dict[str, Any] = {
         "model": model_name,
         "config": msgspec.to_builtins(config),
-        "metrics": summarize(measured, run.duration, config.percentiles, config.goodput_slos),
+        "metrics": {
+            **summarize(measured, run.duration, config.percentiles, config.goodput_slos),
+            **served_in_window(run.records, run.window_start, run.sending_end),
+        },
         "warmup_requests": sum(1 for r in run.records if r.is_warmup),
         "servers": server_share(measured),
         "health": latency_summary(run.health_s, run.health_failed),
@@ -131,6 +134,9 @@ def run_markdown(result: dict[str, Any], command: list[str] | None = None) -> st
         f"| failed requests (429 / other) | {m['rate_limited']} / {other_failures} |",
         f"| measured duration (s) | {_num(m['duration'], 2)} |",
         f"| request throughput (req/s) | {_num(m['request_throughput'], 2)} |",
+        f"| completed in the window of {_num(m['window_seconds'], 2)} s, per second "
+        f"(req/s / output tok/s) | {_num(m['window_request_throughput'], 2)} / "
+        f"{_num(m['window_output_throughput'])} |",
     ]
     if "request_goodput" in m:
         lines.append(f"| request goodput (req/s) | {_num(m['request_goodput'], 2)} |")

@@ -15,6 +15,11 @@ def _baseline(entries: list[dict[str, Any]]) -> dict[str, Any] | None:
     return next((e for e in entries if e["status"] == "ok"), None)
 
 
+def _rate(entry: dict[str, Any]) -> float:
+    """Requests completed per second in the measured window: what the sweep compares."""
+    return float(entry["metrics"]["window_request_throughput"])
+
+
 def entry_line(entry: dict[str, Any]) -> str:
     """A one-line summary of one configuration, for the console."""
     if entry["status"] != "ok":
@@ -22,7 +27,7 @@ def entry_line(entry: dict[str, Any]) -> str:
     m, h = entry["metrics"], entry["health"]
     cores = entry["cpu"].get("server_cores_busy")
     return (
-        f"{m['request_throughput']:.1f} req/s, TTFT p99 {m['p99_ttft_ms']:.0f} ms, "
+        f"{_rate(entry):.1f} req/s, TTFT p99 {m['p99_ttft_ms']:.0f} ms, "
         f"/health p99 {h['p99_ms']:.1f} ms, failed {m['failed']}"
         + (f", server cores {cores:.1f}" if cores is not None else "")
     )
@@ -98,25 +103,28 @@ def markdown(doc: dict[str, Any]) -> str:
         )
     lines += [
         "- N x W = `--api-server-count N --renderer-num-workers W`; inline = "
-        "`--preprocess-mode inline` (preprocessing on the event loop). Ratios are request "
-        f"throughput against {base['label'] if base else 'the first configuration'}. Cores "
-        "busy: CPU time of the server's process tree (or the bench's own) over the window.",
+        "`--preprocess-mode inline` (preprocessing on the event loop). req/s and output "
+        "tok/s: completed in the measured window, per second (the steady rate); ratio: of "
+        f"req/s, against {base['label'] if base else 'the first configuration'}; vLLM req/s: "
+        "the measured requests over the time to the last response (vLLM's duration, which "
+        "the drain at the end dilutes); latencies are of the measured requests. Cores busy: "
+        "CPU time of the server's process tree (or of the bench) over the window.",
         "",
-        "| config | req/s | ratio | output tok/s | TTFT median / p99 (ms) | TPOT median (ms) "
-        "| E2E median / p99 (ms) | /health median / p99 / max (ms) | failed (429) "
-        "| server cores busy | bench cores busy |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| config | req/s | ratio | vLLM req/s | output tok/s | TTFT median / p99 (ms) "
+        "| TPOT median (ms) | E2E median / p99 (ms) | /health median / p99 / max (ms) "
+        "| failed (429) | server cores busy | bench cores busy |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for e in entries:
         if e["status"] != "ok":
-            lines.append(f"| {e['label']} | {e['status']} |" + f" {_NA} |" * 9)
+            lines.append(f"| {e['label']} | {e['status']} |" + f" {_NA} |" * 10)
             continue
         m, h, cpu = e["metrics"], e["health"], e["cpu"]
-        ratio = m["request_throughput"] / base["metrics"]["request_throughput"] if base else 0
+        ratio = _rate(e) / _rate(base) if base and _rate(base) else 0.0
         server_cores = cpu.get("server_cores_busy")
         lines.append(
-            f"| {e['label']} | {m['request_throughput']:.1f} | {ratio:.2f}x "
-            f"| {m['output_throughput']:,.0f} "
+            f"| {e['label']} | {_rate(e):.1f} | {ratio:.2f}x | {m['request_throughput']:.1f} "
+            f"| {m['window_output_throughput']:,.0f} "
             f"| {_ms(m['median_ttft_ms'])} / {_ms(m['p99_ttft_ms'])} "
             f"| {_ms(m['median_tpot_ms'])} "
             f"| {_ms(m['median_e2el_ms'])} / {_ms(m['p99_e2el_ms'])} "
@@ -165,13 +173,13 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
     width = max(10.0, 0.9 * len(entries) + 4)
     fig, axes = plt.subplots(2, 2, figsize=(width, 9), layout="constrained")
     (rps, health), (ttft, cores) = axes
-    values = [e["metrics"]["request_throughput"] for e in entries]
+    values = [_rate(e) for e in entries]
     bars = rps.bar(x, values, color="tab:blue")
     if values:
         for bar, v in zip(bars, values, strict=True):
             rps.annotate(f"{v / values[0]:.2f}x", (bar.get_x() + bar.get_width() / 2, v),
                          ha="center", va="bottom", fontsize=8)  # fmt: skip
-    rps.set_title("request throughput (req/s), ratio to the first")
+    rps.set_title("requests completed per second in the window, ratio to the first")
     series = {
         health: ("/health latency (ms)", "health", ("p99_ms", "max_ms", "median_ms")),
         ttft: ("latency (ms)", "metrics", ("median_ttft_ms", "p99_ttft_ms", "median_e2el_ms")),

@@ -10,7 +10,10 @@ Phases: requests sent in the first ``warmup_seconds`` are warm-up and left out o
 number. The measured window opens then and the run stops sending at ``warmup_seconds +
 duration`` or after ``num_prompts`` requests in all, whichever is first; the window closes
 when the last measured request has finished (as vLLM's duration runs to the last response),
-and each request is bounded by ``request_timeout``. CPU time of the server's process tree and
+and each request is bounded by ``request_timeout``. Because that tail, with fewer requests in
+flight, is part of vLLM's duration, the completions between the window's opening and the end
+of sending are also counted (bench/metrics.py ``served_in_window``): the steady rate a closed
+loop sees. CPU time of the server's process tree and
 of this process is sampled when the window opens and closes. The /health probe starts one
 request every ``health_interval_ms`` on a fresh connection (as a load balancer would), without
 waiting for the previous one, so a blocked event loop shows in proportion to how long it
@@ -48,7 +51,8 @@ class RunResult:
 
     records: list[RequestRecord]
     window_start: float
-    window_end: float
+    window_end: float  # the last measured request's end (vLLM's end of the benchmark)
+    sending_end: float  # when the run stopped sending: the measured window's end
     health_s: list[float] = field(default_factory=list)
     health_failed: int = 0
     health_servers: dict[str, int] = field(default_factory=dict)
@@ -147,6 +151,7 @@ class Run:
         try:
             await self._send_all()
             self._is_sending = False
+            sending_end = time.perf_counter()
             if self._tasks:
                 left = min(cfg.request_timeout + 10, self.give_up_at - time.perf_counter())
                 await asyncio.wait(set(self._tasks), timeout=max(0.0, left))
@@ -181,6 +186,7 @@ class Run:
             records=self._records,
             window_start=self._window_start,
             window_end=self._last_measured_end or self._window_end,
+            sending_end=sending_end,
             health_s=self._health_s,
             health_failed=self._health_failed,
             health_servers=dict(self._health_servers),

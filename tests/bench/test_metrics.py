@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from bench.metrics import RequestRecord, latency_summary, server_share, summarize
+from bench.metrics import (
+    RequestRecord,
+    latency_summary,
+    served_in_window,
+    server_share,
+    summarize,
+)
 from bench.stream import StreamHandler
 
 
@@ -66,6 +72,21 @@ def test_latency_statistics_follow_vllm() -> None:
 def test_goodput_counts_requests_meeting_every_slo(slos: dict[str, float], good: int) -> None:
     m = summarize(RECORDS, duration_s=2.0, goodput_ms=slos)
     assert m["request_goodput"] == pytest.approx(good / 2.0)
+
+
+def test_served_in_window_counts_completions_inside_it_whoever_sent_them() -> None:
+    records = [
+        RequestRecord("image", True, start=0.5, latency=1.0, output_tokens=4, success=True),
+        RequestRecord("image", False, start=1.0, latency=2.0, output_tokens=4, success=True),
+        RequestRecord("image", False, start=2.0, latency=0.5, output_tokens=4, success=False),
+        RequestRecord("image", False, start=9.0, latency=3.0, output_tokens=4, success=True),
+    ]
+    # Window [1, 11]: the warm-up request ends at 1.5 and counts, the failure does not, the
+    # last ends at 12, after the window.
+    out = served_in_window(records, 1.0, 11.0)
+    assert out["window_completed"] == 2 and out["window_seconds"] == 10.0
+    assert out["window_request_throughput"] == pytest.approx(0.2)
+    assert out["window_output_throughput"] == pytest.approx(0.8)
 
 
 def test_nothing_completed_gives_zeros_not_errors() -> None:

@@ -61,6 +61,7 @@ def test_closed_loop_counts_429s_and_streams() -> None:
     m = result["metrics"]
     assert (m["completed"], m["failed"], m["rate_limited"]) == (18, 6, 6)
     assert m["total_output_tokens"] == 18 * len(TOKENS)
+    assert 0 < m["window_completed"] <= 18 and m["window_seconds"] <= run.duration
     assert sum(result["servers"].values()) == 18
     assert result["images_sent"] == 24
     assert result["cpu"]["generator_cores_busy"] >= 0 and "server_cores_busy" not in result["cpu"]
