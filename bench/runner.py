@@ -13,11 +13,8 @@ when the last measured request has finished (as vLLM's duration runs to the last
 and each request is bounded by ``request_timeout``. Because that tail, with fewer requests in
 flight, is part of vLLM's duration, the completions between the window's opening and the end
 of sending are also counted (bench/metrics.py ``served_in_window``): the steady rate a closed
-loop sees. CPU time of the server's process tree and
-of this process is sampled when the window opens and closes. The /health probe starts one
-request every ``health_interval_ms`` on a fresh connection (as a load balancer would), without
-waiting for the previous one, so a blocked event loop shows in proportion to how long it
-blocks.
+loop sees. CPU time of the server's process tree and of this process is sampled when the
+window opens and closes; the /health probe (bench/probe.py) runs while it is open.
 """
 
 from __future__ import annotations
@@ -26,7 +23,6 @@ import asyncio
 import contextlib
 import math
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,13 +31,12 @@ from bench import proc
 from bench.config import BenchConfig
 from bench.http import Client, HttpError, HttpTimeout, request_bytes
 from bench.metrics import RequestRecord
+from bench.probe import HealthProbe
 from bench.progress import Progress
 from bench.stream import StreamHandler
 from bench.target import Target
 from bench.workload import Workload
 
-_PROBE_TIMEOUT_S = 10.0
-_MAX_PROBES_IN_FLIGHT = 64
 _PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 
 
@@ -67,21 +62,6 @@ class RunResult:
     @property
     def duration(self) -> float:
         return max(0.0, self.window_end - self.window_start)
-
-
-class _ProbeHandler:
-    __slots__ = ("status", "server")
-
-    def __init__(self) -> None:
-        self.status = 0
-        self.server = ""
-
-    def on_head(self, status: int, headers: dict[str, str]) -> None:
-        self.status = status
-        self.server = headers.get("x-fanin-server", "")
-
-    def on_body(self, data: bytes, now: float) -> None:
-        pass
 
 
 def auth_headers(api_key: str | None) -> list[tuple[str, str]]:
@@ -129,9 +109,7 @@ class Run:
         self._last_measured_end = 0.0
         self._server_cpu: list[proc.CpuSample] = []
         self._generator_cpu: list[proc.CpuSample] = []
-        self._health_s: list[float] = []
-        self._health_failed = 0
-        self._health_servers: Counter[str] = Counter()
+        self._probe = HealthProbe(target, self._auth, config.health_interval_ms / 1000)
         seconds = config.warmup_seconds + config.duration
         self._progress = Progress(len(workload), seconds, config.progress)
 
@@ -147,7 +125,7 @@ class Run:
         else:
             self._open_window()
         ticker = asyncio.create_task(self._tick())
-        prober = asyncio.create_task(self._probe()) if cfg.health_interval_ms > 0 else None
+        prober = asyncio.create_task(self._probe_window()) if cfg.health_interval_ms else None
         try:
             await self._send_all()
             self._is_sending = False
@@ -187,9 +165,9 @@ class Run:
             window_start=self._window_start,
             window_end=self._last_measured_end or self._window_end,
             sending_end=sending_end,
-            health_s=self._health_s,
-            health_failed=self._health_failed,
-            health_servers=dict(self._health_servers),
+            health_s=self._probe.latencies,
+            health_failed=self._probe.failed,
+            health_servers=dict(self._probe.servers),
             server_cpu=(cpu[0], cpu[1]) if len(cpu) == 2 else None,
             generator_cpu=(gen[0], gen[1]) if len(gen) == 2 else None,
             num_connects=self._client.num_connects,
@@ -285,36 +263,6 @@ class Run:
             self._progress.update(phase, self._finished, self._failed)
             await asyncio.sleep(0.25)
 
-    async def _probe(self) -> None:
-        """/health on a fresh connection every interval, during the measured window."""
+    async def _probe_window(self) -> None:
         await self._window_open.wait()
-        client = Client(self.target, keep_alive=False)
-        parts = request_bytes(self.target, "GET", "/health", (), self._auth, keep_alive=False)
-        interval = self.config.health_interval_ms / 1000
-        pending: set[asyncio.Task[None]] = set()
-        next_at = time.perf_counter()
-        while not self._window_closed.is_set():
-            if len(pending) < _MAX_PROBES_IN_FLIGHT:
-                task = asyncio.create_task(self._probe_once(client, parts))
-                pending.add(task)
-                task.add_done_callback(pending.discard)
-            next_at = max(next_at + interval, time.perf_counter())
-            closed = asyncio.ensure_future(self._window_closed.wait())
-            await asyncio.wait({closed}, timeout=next_at - time.perf_counter())
-            closed.cancel()
-        if pending:
-            await asyncio.wait(set(pending), timeout=_PROBE_TIMEOUT_S + 1)
-
-    async def _probe_once(self, client: Client, parts: list[bytes]) -> None:
-        handler = _ProbeHandler()
-        start = time.perf_counter()
-        try:
-            await client.request(parts, handler, _PROBE_TIMEOUT_S)
-        except HttpError:
-            self._health_failed += 1
-            return
-        if handler.status != 200:
-            self._health_failed += 1
-            return
-        self._health_s.append(time.perf_counter() - start)
-        self._health_servers[handler.server or "?"] += 1
+        await self._probe.run(self._window_closed)

@@ -16,7 +16,8 @@ import pytest
 from conftest import run_fanin
 
 from bench import proc
-from bench.sweep import ServerSpec, frontend_preset, parse_spec, strict_problems
+from bench.specs import ServerSpec, frontend_preset, parse_spec
+from bench.sweep import strict_problems
 
 
 def test_config_grammar() -> None:
