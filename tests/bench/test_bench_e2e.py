@@ -17,23 +17,26 @@ pytestmark = pytest.mark.slow
 SMALL = ["--image-size", "128x96", "--output-len", "4", "--ignore-eos", "--duration", "120"]
 
 
-def _result(out: Path) -> dict[str, Any]:
+def _bench(server: ServedFanin, tmp_path: Path, *flags: str) -> tuple[dict[str, Any], str]:
+    """`fanin bench` against ``server`` with ``flags``: (the JSON result, stdout)."""
+    out = tmp_path / "out"
+    done = run_fanin(
+        "bench", "--base-url", server.target.origin, *SMALL, *flags, "--result-dir", str(out),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
     (path,) = out.glob("bench-*.json")
     assert path.with_suffix(".md").read_text().count("| request throughput (req/s) |") == 1
-    data: dict[str, Any] = json.loads(path.read_text())
-    return data
+    result: dict[str, Any] = json.loads(path.read_text())
+    return result, done.stdout
 
 
 def test_every_dataset_against_the_real_server(fanin_server: ServedFanin, tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    done = run_fanin(
-        "bench", "--base-url", fanin_server.target.origin, *SMALL, "--num-prompts", "16",
-        "--max-concurrency", "4", "--dataset", "image:0.5,sharegpt:0.25,random:0.25",
-        "--random-input-len", "32", "--goodput", "ttft:600000", "e2e:600000",
-        "--result-dir", str(out), cwd=tmp_path,
+    result, stdout = _bench(
+        fanin_server, tmp_path, "--num-prompts", "16", "--max-concurrency", "4",
+        "--dataset", "image:0.5,sharegpt:0.25,random:0.25", "--random-input-len", "32",
+        "--goodput", "ttft:600000", "e2e:600000",
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    result = _result(out)
     m = result["metrics"]
     assert (m["completed"], m["failed"]) == (16, 0), result["first_errors"]
     assert m["total_output_tokens"] == 16 * 4  # ignore_eos: exactly the asked length
@@ -48,20 +51,16 @@ def test_every_dataset_against_the_real_server(fanin_server: ServedFanin, tmp_pa
     cpu = result["cpu"]
     assert cpu["server_cores_busy"] > 0 and cpu["server_by_process"]["fanin-engine-core"] > 0
     assert "generator_cores_busy" in cpu
-    assert "| completed per API server |" in done.stdout
+    assert "| completed per API server |" in stdout
 
 
 def test_photos_as_http_urls_are_fetched_from_the_bench(
     fanin_server: ServedFanin, tmp_path: Path
 ) -> None:
-    out = tmp_path / "out"
-    done = run_fanin(
-        "bench", "--base-url", fanin_server.target.origin, *SMALL, "--num-prompts", "6",
-        "--max-concurrency", "2", "--image-transport", "http", "--images-per-request", "2",
-        "--result-dir", str(out), cwd=tmp_path,
+    result, _ = _bench(
+        fanin_server, tmp_path, "--num-prompts", "6", "--max-concurrency", "2",
+        "--image-transport", "http", "--images-per-request", "2",
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    result = _result(out)
     assert result["metrics"]["completed"] == 6 and result["metrics"]["failed"] == 0
     assert result["images_sent"] == result["images_fetched"] == 12
 
@@ -69,14 +68,10 @@ def test_photos_as_http_urls_are_fetched_from_the_bench(
 def test_completions_endpoint_with_random_prompts(
     fanin_server: ServedFanin, tmp_path: Path
 ) -> None:
-    out = tmp_path / "out"
-    done = run_fanin(
-        "bench", "--base-url", fanin_server.target.origin, *SMALL, "--num-prompts", "4",
-        "--endpoint-type", "completions", "--dataset", "random", "--random-input-len", "64",
-        "--no-keep-alive", "--result-dir", str(out), cwd=tmp_path,
+    result, _ = _bench(
+        fanin_server, tmp_path, "--num-prompts", "4", "--endpoint-type", "completions",
+        "--dataset", "random", "--random-input-len", "64", "--no-keep-alive",
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    result = _result(out)
     assert result["metrics"]["completed"] == 4 and result["metrics"]["total_output_tokens"] == 16
     assert result["connections_opened"] == 4  # one per request without keep-alive
     # Random token ids decode to text that tokenizes back to about as many tokens.
