@@ -5,8 +5,6 @@ cleanly."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,14 +31,3 @@ def fanin_server(
     finally:
         report = server.stop(60.0)
     assert report.clean, f"{report}\n{server.log_tail(40)}"
-
-
-def run_fanin(*argv: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """``fanin ARGV...`` as a user runs it, from another directory than the repository."""
-    return subprocess.run(
-        [sys.executable, "-m", "apiserver.cli", *argv],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )

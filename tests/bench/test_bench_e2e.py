@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import run_fanin
+from fanin_cli import run_fanin
 
 from bench.serve import ServedFanin
 

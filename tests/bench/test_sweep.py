@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_fanin
+from fanin_cli import run_fanin
 
 from bench import proc
 from bench.specs import ServerSpec, frontend_preset, parse_spec
