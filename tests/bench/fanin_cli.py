@@ -9,11 +9,19 @@ from pathlib import Path
 
 
 def run_fanin(*argv: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """``fanin ARGV...`` as a user runs it, from another directory than the repository."""
-    return subprocess.run(
-        [sys.executable, "-m", "apiserver.cli", *argv],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    """``fanin ARGV...`` as a user runs it, from another directory than the repository. Past
+    ``timeout`` it gets SIGTERM first, so that a sweep still stops the server it runs."""
+    command = [sys.executable, "-m", "apiserver.cli", *argv]
+    with subprocess.Popen(
+        command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as child:
+        try:
+            out, err = child.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            child.terminate()
+            try:
+                child.communicate(timeout=90)
+            except subprocess.TimeoutExpired:
+                child.kill()
+            raise
+    return subprocess.CompletedProcess(command, child.returncode, out, err)

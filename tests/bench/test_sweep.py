@@ -5,7 +5,9 @@ grammar and the frontend preset."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -113,6 +115,7 @@ def test_sigterm_stops_the_sweep_and_its_server(default_model_dir: Path, tmp_pat
              "--image-size", "64x48", "--output-len", "2", "--result-dir", str(out)],
             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err,
         )  # fmt: skip
+    descendants: list[int] = []
     try:
         log = out / "serve-pool-1x1.log"
         deadline = time.monotonic() + 240
@@ -123,9 +126,12 @@ def test_sigterm_stops_the_sweep_and_its_server(default_model_dir: Path, tmp_pat
         (launcher,) = [p for p in descendants if proc.process_name(p) == "fanin-launcher"]
         sweep.send_signal(signal.SIGTERM)
         assert sweep.wait(120) == 130
+        assert proc.wait_gone(descendants, 10) == []
     finally:
         sweep.kill()
         sweep.wait()
+        for pid in proc.descendants(sweep.pid) + descendants:  # a failed test leaves no server
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     assert "stopped; what ran is in" in (tmp_path / "sweep.err").read_text()
-    assert proc.wait_gone([launcher, *descendants], 10) == []
     assert not (out / "sweep.json").exists()  # nothing finished, and nothing pretends to have
