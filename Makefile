@@ -1,6 +1,7 @@
 # make serve: install if needed, build the default model, serve it with 2 API servers.
 # make test:  install if needed, run the test suite.
 # make lint:  ruff, and mypy (strict) on apiserver/ and ipc/.
+# make bench-smoke: `fanin bench sweep` at CI size on the CPU (two configurations, seconds each).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -10,7 +11,7 @@ PORT ?= 8000
 # else drags in a different build.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install serve test lint bench-ipc clean
+.PHONY: install serve test lint bench-ipc bench-smoke clean
 
 install: $(STAMP)
 
@@ -18,7 +19,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_PINS)
-	$(BIN)/python -m pip install -q -e '.[test]' $(TORCH_PINS)
+	$(BIN)/python -m pip install -q -e '.[test,bench]' $(TORCH_PINS)
 	touch $(STAMP)
 
 serve: install
@@ -34,6 +35,14 @@ lint: install
 
 bench-ipc: install
 	$(BIN)/python bench/ipc_bench.py
+
+# No timing is checked: --strict fails unless both servers start and stop cleanly, every
+# request succeeds and the table and plot are written. Results go to a temporary folder.
+bench-smoke: install
+	out=$$(mktemp -d) && trap 'rm -rf "$$out"' EXIT && \
+	$(BIN)/fanin bench sweep --strict --configs inline:1x1 pool:2x1 --max-concurrency 4 \
+		--image-size 256x192 --output-len 4 --ignore-eos --warmup-seconds 1 --duration 4 \
+		--num-prompts 400 --no-progress --result-dir "$$out"
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,4 +1,5 @@
-"""The ``fanin`` command: ``fanin serve [MODEL]``, ``fanin build-model DIR``, ``fanin --version``.
+"""The ``fanin`` command: ``fanin serve [MODEL]``, ``fanin build-model DIR``, ``fanin bench ...``
+(the load generator, in the separate ``bench`` package), ``fanin --version``.
 
 The flags of ``serve`` are built from the fields of ``ServerConfig`` and ``EngineConfig`` (name,
 type, help and default come from the struct), so every setting is defined once. Values are
@@ -122,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_option(groups[option.targets[0]], option)
     build = commands.add_parser("build-model", help="build the default tiny model into DIR")
     build.add_argument("dir", metavar="DIR", help="folder to write the model to")
+    # Listed for --help only: main() hands everything after "bench" to the bench package.
+    commands.add_parser("bench", help="load generator and server sweeps (fanin bench --help)")
     return parser
 
 
@@ -233,6 +236,11 @@ def _build_model(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fanin`` console script; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from bench.cli import main as bench_main  # the client side: never loaded by `serve`
+
+        return bench_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "serve":

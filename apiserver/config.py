@@ -6,7 +6,7 @@ starts with "(internal)" are set by the launcher and get no flag.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
@@ -75,6 +75,14 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     engine_ready_timeout: Annotated[
         float, Meta(gt=0, description="seconds to wait for the engine to load the model")
     ] = 900.0
+    preprocess_mode: Annotated[
+        Literal["pool", "inline"],
+        Meta(
+            description="'pool': preprocessing on the render thread pool; 'inline': on the "
+            "event loop, which it blocks (the old one-process behaviour; for benchmark "
+            "baselines only, never for serving)"
+        ),
+    ] = "pool"
     log_level: Annotated[str, Meta(description="debug, info, warning or error")] = "info"
     engine_address: Annotated[str, Meta(description="(internal) engine ZeroMQ address")] = ""
     metrics_dir: Annotated[

@@ -75,7 +75,8 @@ class Renderer:
         return self._pending >= self._config.max_pending_renders
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` on the pool; 429 when too many renders already wait."""
+        """Run ``fn(*args)`` on the pool (or, in ``inline`` preprocess mode, right here on the
+        event loop); 429 when too many renders already wait."""
         if self.is_full:
             raise ApiError(
                 429, "preprocessing queue is full; retry later", headers={"Retry-After": "1"}
@@ -83,6 +84,8 @@ class Renderer:
         self._pending += 1
         start = time.perf_counter()
         try:
+            if self._config.preprocess_mode == "inline":
+                return fn(*args)
             return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
         finally:
             self._pending -= 1

@@ -1,0 +1,138 @@
+"""One ``fanin serve`` for a sweep: started as ``python -m apiserver.cli serve`` (that works
+installed or from a source tree on PYTHONPATH), ready once ``/ready`` answers 200, stopped
+with SIGTERM, and checked to leave no process behind.
+
+The server runs in its own session so that a Ctrl-C at the terminal reaches only the bench,
+which then stops the server itself. Its stdout and stderr go to a log file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import proc
+from bench.http import Client, HttpError, fetch
+from bench.target import Target, parse_target
+
+_READY_POLL_S = 0.25
+_AFTER_LAUNCHER_S = 10.0
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class StopReport:
+    """How a server went away: ``clean`` when it exited on SIGTERM in time and left nothing."""
+
+    exit_code: int | None
+    killed: list[str]
+    seconds: float
+
+    @property
+    def clean(self) -> bool:
+        return not self.killed and self.exit_code == 0
+
+
+class ServedFanin:
+    """A ``fanin serve`` process tree on 127.0.0.1."""
+
+    def __init__(self, argv: list[str], port: int, log_path: Path, env: dict[str, str]) -> None:
+        self.port = port
+        self.log_path = log_path
+        self.target: Target = parse_target(f"http://127.0.0.1:{port}")
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+
+    @classmethod
+    def start(
+        cls,
+        model: str | None,
+        flags: list[str],
+        log_path: Path,
+        env_overrides: dict[str, str] | None = None,
+    ) -> ServedFanin:
+        """Start ``fanin serve [model] --host 127.0.0.1 --port P *flags``."""
+        port = free_port()
+        argv = [sys.executable, "-m", "apiserver.cli", "serve", *([model] if model else [])]
+        argv += ["--host", "127.0.0.1", "--port", str(port), *flags]
+        return cls(argv, port, log_path, {**os.environ, **(env_overrides or {})})
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    async def wait_ready(self, timeout: float, api_key: str | None = None) -> str | None:
+        """Poll ``/ready`` until 200. None when ready, else why not (exited, timed out)."""
+        client = Client(self.target, keep_alive=False)
+        headers = [("Authorization", f"Bearer {api_key}")] if api_key else []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            code = self.proc.poll()
+            if code is not None:
+                return f"exited with code {code} before it was ready"
+            with contextlib.suppress(HttpError):
+                status, _ = await fetch(client, "/ready", headers, timeout=2.0)
+                if status == 200:
+                    return None
+            await asyncio.sleep(_READY_POLL_S)
+        return f"not ready after {timeout:g} s"
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, timeout: float) -> StopReport:
+        """SIGTERM and wait; what is still alive after ``timeout`` (the launcher) or shortly
+        after the launcher exits (its children) is SIGKILLed and named in the report."""
+        start = time.monotonic()
+        tree = proc.descendants(self.pid)
+        names = {pid: proc.process_name(pid) for pid in tree}
+        killed: list[str] = []
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                killed.append("fanin-launcher")
+                self._kill([self.pid])
+                self.proc.wait()
+        left = proc.wait_gone(tree, _AFTER_LAUNCHER_S)
+        # A process the snapshot missed (started during shutdown) is still in the session of
+        # the launcher or of one of its children (fanin gives each child a session of its own).
+        left += [p for p in proc.session_members({self.pid, *tree}) if p not in left]
+        if left:
+            killed += [names.get(pid) or proc.process_name(pid) for pid in left]
+            self._kill(left)
+            proc.wait_gone(left, _AFTER_LAUNCHER_S)
+        return StopReport(self.proc.returncode, killed, time.monotonic() - start)
+
+    def _kill(self, pids: list[int]) -> None:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

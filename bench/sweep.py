@@ -1,0 +1,236 @@
+"""``fanin bench sweep``: one workload, several server configurations, one table.
+
+Each configuration is ``[inline:|pool:]NxW`` (bench/specs.py). For each one the sweep
+starts ``fanin serve``, waits for ``/ready``, runs the workload (the same requests and photos
+every time; each server starts cold), stops the server with SIGTERM and checks that nothing of
+it is left. A configuration that fails to start, or whose run fails, is reported and the
+sweep goes on. Results are written after every configuration, so an interrupted sweep keeps
+what it measured; at the end come the markdown table (ratios against the first configuration
+that ran) and the plots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from bench import report_sweep
+from bench.cli import (
+    BenchError,
+    api_key_of,
+    build_sweep_parser,
+    fetch_model,
+    image_source,
+    raise_open_files_limit,
+    result_stem,
+    run_async,
+    serving_images,
+    write_text,
+)
+from bench.config import BenchConfig, SweepConfig, from_args, validate
+from bench.images import DistinctImages
+from bench.report import machine, run_result
+from bench.runner import Run
+from bench.serve import ServedFanin
+from bench.specs import ServerSpec, parse_env, resolve_specs
+from bench.workload import Model, Workload, WorkloadError
+
+_STOP_RESERVE_S = 15.0  # what a server's stop takes, kept free of a --time-budget's end
+
+
+@dataclass
+class _Context:
+    """What every configuration of one sweep shares while it runs."""
+
+    api_key: str | None
+    env: dict[str, str]
+    flags: list[str]  # for every `fanin serve`, after the configuration's own
+    images: DistinctImages | None
+    image_url_base: str | None
+    deadline: float  # time.monotonic() at which --time-budget runs out (inf: none)
+    workloads: dict[Model, Workload] = field(default_factory=dict)  # one per served model
+
+
+@dataclass
+class Sweep:
+    """Everything one sweep needs, decided before the first server starts."""
+
+    config: BenchConfig
+    sweep: SweepConfig
+    specs: list[ServerSpec]
+    model_dir: str | None
+    serve_args: list[str]
+    out_dir: Path
+    command: list[str]
+
+    async def run(self) -> dict[str, Any]:
+        """Every configuration in turn; SIGTERM or SIGINT cancels this, which still stops the
+        server of the configuration that runs (``_one``'s ``finally``) before it ends."""
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, task.cancel)
+        env = parse_env(self.sweep.env)
+        flags = list(self.serve_args)
+        if self.config.image_transport == "http":
+            flags.append("--allow-private-media-urls")  # the photos come from 127.0.0.1
+        doc: dict[str, Any] = {
+            "machine": machine(),
+            "command": self.command,
+            "model_dir": self.model_dir,
+            "serve_args": self.serve_args,
+            "env": env,
+            "workload": msgspec.to_builtins(self.config),
+            "entries": [],
+        }
+        budget = self.sweep.time_budget
+        deadline = time.monotonic() + budget if budget else math.inf
+        # What a configuration takes at the least: its run, and half a minute to start and stop.
+        slowest = self.config.warmup_seconds + self.config.duration + 30
+        images = image_source(self.config)
+        async with serving_images(self.config, images) as image_server:
+            context = _Context(
+                api_key_of(self.config),
+                env,
+                flags,
+                images,
+                image_server.base_url if image_server else None,
+                deadline,
+            )
+            for i, spec in enumerate(self.specs):
+                print(f"[{i + 1}/{len(self.specs)}] {spec.label}", file=sys.stderr, flush=True)
+                left = deadline - time.monotonic()
+                entry: dict[str, Any]
+                if left < slowest:
+                    entry = {
+                        "label": spec.label,
+                        "status": "skipped",
+                        "error": f"--time-budget: {max(0, left):.0f} s left, a configuration "
+                        f"may take {slowest:.0f} s",
+                    }
+                else:
+                    started = time.monotonic()
+                    fetched = image_server.num_served if image_server else 0
+                    entry = await self._one(spec, context)
+                    if image_server is not None:
+                        entry["images_fetched"] = image_server.num_served - fetched
+                    slowest = max(slowest, time.monotonic() - started)
+                doc["entries"].append(entry)
+                self._write_json(doc)
+                print(f"  {report_sweep.entry_line(entry)}", file=sys.stderr, flush=True)
+        return doc
+
+    async def _one(self, spec: ServerSpec, context: _Context) -> dict[str, Any]:
+        entry: dict[str, Any] = {"label": spec.label, "flags": spec.flags()}
+        log = self.out_dir / f"serve-{spec.slug}.log"
+        server = ServedFanin.start(self.model_dir, spec.flags() + context.flags, log, context.env)
+        entry["pid"] = server.pid
+        try:
+            # Within --time-budget, the server's stop must fit too.
+            usable = context.deadline - _STOP_RESERVE_S - time.monotonic()
+            start_timeout = min(self.sweep.server_start_timeout, usable)
+            problem = await server.wait_ready(max(1.0, start_timeout), context.api_key)
+            if problem is not None:
+                entry.update(status="failed to start", error=problem, log_tail=server.log_tail())
+                return entry
+            model = await fetch_model(server.target, self.config.model, context.api_key)
+            if model not in context.workloads:
+                context.workloads[model] = Workload(
+                    self.config, model, context.images, context.image_url_base
+                )
+            config = msgspec.structs.replace(self.config, base_url=server.target.origin)
+            workload = context.workloads[model]
+            give_up_at = time.perf_counter() + (
+                context.deadline - _STOP_RESERVE_S - time.monotonic()
+            )
+            run = Run(config, server.target, workload, server.pid, context.api_key, give_up_at)
+            result = await run.execute()
+            entry.update(status="ok", **run_result(config, model.name, result))
+        except (BenchError, WorkloadError, RuntimeError, OSError) as e:
+            entry.update(status="failed", error=str(e), log_tail=server.log_tail())
+        except Exception as e:  # one configuration's surprise must not lose the others
+            entry.update(status="failed", error=f"{type(e).__name__}: {e}")
+            entry["traceback"] = traceback.format_exc()
+        finally:
+            stop = await asyncio.to_thread(server.stop, self.sweep.server_stop_timeout)
+            entry["stop"] = {
+                "exit_code": stop.exit_code,
+                "seconds": round(stop.seconds, 2),
+                "killed": stop.killed,
+            }
+        return entry
+
+    def _write_json(self, doc: dict[str, Any]) -> None:
+        text = msgspec.json.format(msgspec.json.encode(doc)).decode()
+        write_text(self.out_dir / "sweep.json", text)
+
+
+def sweep_main(argv: list[str]) -> int:
+    """``fanin bench sweep [MODEL] [flags] [-- serve flags]``."""
+    serve_args: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, serve_args = argv[:cut], argv[cut + 1 :]
+    parser = build_sweep_parser()
+    args = parser.parse_args(argv)
+    try:
+        sweep = from_args(SweepConfig, args)
+        config = from_args(BenchConfig, args)
+        validate(config)
+        specs = resolve_specs(sweep)
+        parse_env(sweep.env)
+    except ValueError as e:
+        parser.error(str(e))
+    out_dir = Path(config.result_dir or result_stem("fanin-sweep"))
+    command = ["fanin", "bench", "sweep", *argv, *(["--", *serve_args] if serve_args else [])]
+    print(f"fanin bench sweep: {len(specs)} configurations, results in {out_dir}", file=sys.stderr)
+    raise_open_files_limit()
+    plan = Sweep(config, sweep, specs, args.model_dir, serve_args, out_dir, command)
+    try:
+        doc = run_async(plan.run())
+    except (BenchError, WorkloadError) as e:
+        print(f"fanin bench sweep: error: {e}", file=sys.stderr)
+        return 1
+    except asyncio.CancelledError:
+        print(f"fanin bench sweep: stopped; what ran is in {out_dir}", file=sys.stderr)
+        return 130
+    markdown = report_sweep.markdown(doc)
+    write_text(out_dir / "sweep.md", markdown)
+    plotted = report_sweep.plot(doc, out_dir / "sweep.png")
+    print(markdown)
+    print(
+        f"results: {out_dir / 'sweep.json'}, {out_dir / 'sweep.md'}"
+        + (f", {out_dir / 'sweep.png'}" if plotted else " (no plot: matplotlib is missing)"),
+        file=sys.stderr,
+    )
+    problems = strict_problems(doc, plotted) if sweep.strict else []
+    for problem in problems:
+        print(f"fanin bench sweep: --strict: {problem}", file=sys.stderr)
+    ran = [e for e in doc["entries"] if e["status"] == "ok"]
+    return 0 if ran and not problems else 1
+
+
+def strict_problems(doc: dict[str, Any], plotted: bool) -> list[str]:
+    """What makes a sweep fail under ``--strict``."""
+    problems = []
+    for e in doc["entries"]:
+        if e["status"] != "ok":
+            problems.append(f"{e['label']}: {e['status']}: {e.get('error', '')}")
+        elif e["metrics"]["failed"]:
+            problems.append(f"{e['label']}: {e['metrics']['failed']} requests failed")
+        stop = e.get("stop")  # none for a configuration skipped before it started
+        if stop and (stop["exit_code"] != 0 or stop["killed"]):
+            problems.append(f"{e['label']}: exit code {stop['exit_code']}, killed {stop['killed']}")
+    if not plotted:
+        problems.append("no plot (matplotlib is missing)")
+    return problems

@@ -1,0 +1,31 @@
+"""The load generator talks HTTP only: it loads nothing of the server side, and the server
+side loads nothing of it (each checked in a fresh interpreter)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+CHECK = """
+import sys
+{imports}
+loaded = {{name.split(".")[0] for name in sys.modules}}
+print(" ".join(sorted(loaded & {forbidden})))
+"""
+
+
+def _loaded(imports: str, forbidden: set[str]) -> str:
+    code = CHECK.format(imports=imports, forbidden=forbidden)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_the_bench_imports_no_server_code() -> None:
+    imports = "import bench.cli, bench.sweep, bench.report_sweep, bench.static"
+    assert _loaded(imports, {"apiserver", "engine_core", "ipc"}) == ""
+
+
+def test_the_server_side_imports_no_bench_code() -> None:
+    imports = "import apiserver.cli, apiserver.server, apiserver.launcher, engine_core"
+    assert _loaded(imports, {"bench"}) == ""
