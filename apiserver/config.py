@@ -75,6 +75,15 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     engine_ready_timeout: Annotated[
         float, Meta(gt=0, description="seconds to wait for the engine to load the model")
     ] = 900.0
+    # Hostile clients and stalled peers: every read bounded in bytes and time.
+    engine_heartbeat_timeout: Annotated[
+        float,
+        Meta(
+            ge=1.0,
+            description="seconds of engine silence (it sends a heartbeat every 0.5 s) before "
+            "in-flight requests fail with 503 and the server reconnects",
+        ),
+    ] = 5.0
     log_level: Annotated[str, Meta(description="debug, info, warning or error")] = "info"
     engine_address: Annotated[str, Meta(description="(internal) engine ZeroMQ address")] = ""
     metrics_dir: Annotated[

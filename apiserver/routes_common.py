@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable
 from typing import Any, TypeVar
 
 import msgspec
@@ -134,12 +134,13 @@ def json_response(obj: Any, status: int = 200) -> Response:
 _ENCODER = msgspec.json.Encoder()
 
 
-async def sse(events: AsyncIterator[Any]) -> AsyncIterator[bytes]:
+async def sse(events: AsyncGenerator[Any, None]) -> AsyncGenerator[bytes, None]:
     """Frame structs as server-sent events, end with ``[DONE]``; an ApiError mid-stream
     becomes an error event and closes the stream (the openai client raises it)."""
     try:
-        async for event in events:
-            yield b"data: " + _ENCODER.encode(event) + b"\n\n"
+        async with contextlib.aclosing(events):
+            async for event in events:
+                yield b"data: " + _ENCODER.encode(event) + b"\n\n"
     except ApiError as err:
         yield b"data: " + _ENCODER.encode(err.body()) + b"\n\n"
         return
@@ -172,7 +173,9 @@ class EventStream(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, chunks: AsyncIterator[bytes], headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, chunks: AsyncGenerator[bytes, None], headers: dict[str, str] | None = None
+    ) -> None:
         # Not Response.__init__: it would announce a Content-Length for an empty body.
         self.status_code = 200
         self.background = None
@@ -194,8 +197,9 @@ class EventStream(Response):
 
     async def _pump(self, send: Any) -> None:
         try:
-            async for chunk in self._chunks:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            async with contextlib.aclosing(self._chunks):
+                async for chunk in self._chunks:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:  # the server reports the client gone
             pass

@@ -15,6 +15,7 @@ from apiserver.context import ServerContext
 from apiserver.errors import ApiError, engine_unavailable
 from apiserver.protocol import EmbeddingData, EmbeddingList, EmbeddingRequest, Usage
 from apiserver.renderer import Prompt
+from apiserver.request_stream import Deadline
 from apiserver.routes_common import (
     check_model,
     json_response,
@@ -37,6 +38,7 @@ class EmbeddingRoutes:
     async def embeddings(self, request: Request) -> Response:
         """OpenAI embeddings: a string, strings, token ids or lists of token ids."""
         ctx = self._ctx
+        deadline = Deadline.after(ctx.config.request_timeout)
         req = await parse(request, ctx, EmbeddingRequest)
         check_model(ctx, req.model)
         if not ctx.ready.supports_embeddings:
@@ -56,7 +58,9 @@ class EmbeddingRoutes:
         base_id = new_id("embd")
         vectors = await unless_disconnected(
             request,
-            asyncio.gather(*(self._embed(f"{base_id}-{i}", p) for i, p in enumerate(prompts))),
+            asyncio.gather(
+                *(self._embed(f"{base_id}-{i}", p, deadline) for i, p in enumerate(prompts))
+            ),
         )
         if req.dimensions is not None and req.dimensions != len(vectors[0]):
             raise ApiError(
@@ -77,34 +81,19 @@ class EmbeddingRoutes:
             return await self._ctx.renderer.render_text(item)
         return self._ctx.renderer.token_prompt(item)
 
-    async def _embed(self, request_id: str, prompt: Prompt) -> np.ndarray:
-        client = self._ctx.client
+    async def _embed(self, request_id: str, prompt: Prompt, deadline: Deadline) -> np.ndarray:
         request = EngineRequest(
             request_id=request_id,
             prompt_token_ids=prompt.token_ids,
             pooling=PoolingParams(),
             arrival_time=time.time(),
+            deadline=deadline.wall_clock,
         )
-        queue = await client.add(request)
-        done = False
-        try:
-            while True:
-                out = await queue.get()
-                if isinstance(out, ApiError):
-                    done = True
-                    raise out
-                if out.error is not None:
-                    done = True
-                    raise ApiError(out.error.status, out.error.message)
+        async with self._ctx.client.stream(request, deadline) as outputs:
+            async for out in outputs:
                 if out.embedding is not None:
-                    done = out.finish_reason is not None
                     return np.asarray(out.embedding, dtype=np.float32)
-                if out.finish_reason is not None:
-                    done = True
-                    raise ApiError(503, "the engine finished without an embedding")
-        finally:
-            if not done:
-                client.abort([request_id])
+        raise ApiError(503, "the engine finished without an embedding")
 
 
 def _inputs(value: str | list[str | int | list[int]]) -> list[str | list[int]]:

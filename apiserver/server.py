@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     sock = socket.socket(fileno=args.listen_fd)
     try:
-        uvloop.run(_serve(config, args.index, sock, args.ready_fd))
+        return uvloop.run(_serve(config, args.index, sock, args.ready_fd))
     except (TimeoutError, ConnectionError, OSError) as exc:
         # No engine, an incompatible one, or no tokenizer at READY's model path.
         log.error("cannot start: %s", exc)
@@ -76,12 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         from apiserver import metrics
 
         metrics.mark_dead(os.getpid())
-    return 0
 
 
 async def _serve(
     config: ServerConfig, index: int, sock: socket.socket, ready_fd: int | None
-) -> None:
+) -> int:
+    """Serve until SIGTERM (0) or until the engine client cannot go on (1)."""
     # Imported here: they import prometheus_client, which must see PROMETHEUS_MULTIPROC_DIR.
     from apiserver.admission import Admission
     from apiserver.app import build_app
@@ -90,7 +90,18 @@ async def _serve(
     from apiserver.media import MediaFetcher
     from apiserver.renderer import Renderer
 
-    client = EngineClient(config.engine_address, index)
+    fatal: list[str] = []
+    server: _ReadyServer | None = None
+
+    def on_fatal(reason: str) -> None:
+        log.error("cannot go on: %s; exiting (the launcher starts a new server)", reason)
+        fatal.append(reason)
+        if server is not None:
+            server.should_exit = True
+
+    client = EngineClient(
+        config.engine_address, index, config.engine_heartbeat_timeout, on_fatal=on_fatal
+    )
     try:
         ready = await client.start(config.engine_ready_timeout)
         renderer = await asyncio.to_thread(Renderer.load, ready.model, ready, config)
@@ -118,7 +129,10 @@ async def _serve(
         # uvicorn annotates int, but hands it to asyncio.wait_for: fractions of seconds work.
         timeout_graceful_shutdown=config.shutdown_timeout,  # type: ignore[arg-type]
     )
-    await _ReadyServer(uv_config, ready_fd).serve(sockets=[sock])
+    server = _ReadyServer(uv_config, ready_fd)
+    server.should_exit = bool(fatal)
+    await server.serve(sockets=[sock])
+    return 1 if fatal else 0
 
 
 class _ReadyServer(uvicorn.Server):
