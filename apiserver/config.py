@@ -76,6 +76,24 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         float, Meta(gt=0, description="seconds to wait for the engine to load the model")
     ] = 900.0
     # Hostile clients and stalled peers: every read bounded in bytes and time.
+    max_header_bytes: Annotated[
+        int, Meta(ge=1024, description="largest request line plus headers (431 above)")
+    ] = 64 << 10
+    header_timeout: Annotated[
+        float,
+        Meta(gt=0, description="seconds a request's line and headers may take to arrive (408)"),
+    ] = 10.0
+    body_timeout: Annotated[
+        float,
+        Meta(gt=0, description="seconds a request body may take, from the end of its headers"),
+    ] = 60.0
+    keep_alive_timeout: Annotated[
+        float, Meta(gt=0, description="seconds an idle keep-alive connection stays open")
+    ] = 5.0
+    max_connections: Annotated[
+        int,
+        Meta(ge=1, description="open connections per API server; more get 503 and are closed"),
+    ] = 2048
     engine_heartbeat_timeout: Annotated[
         float,
         Meta(

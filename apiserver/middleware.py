@@ -1,6 +1,8 @@
 """The one pure-ASGI middleware in front of every route. In order, before any body byte is
 read: request id, API key, Content-Length cap, admission control. While the body streams in,
-it counts bytes (chunked bodies have no Content-Length). On the way out it stamps the server
+it counts bytes (chunked bodies have no Content-Length); a request counts as in flight only
+once its whole body is in, so clients that send a body slowly (bounded by the connection
+limits of ``http_guard``) never hold admission slots. On the way out it stamps the server
 index and request id on the response and counts the status; unexpected exceptions are logged
 and answered with an OpenAI-style 500."""
 
@@ -80,26 +82,29 @@ class FaninMiddleware:
             await send(message)
 
         received = 0
+        admitted = False
+        to_admit = path in ADMITTED_PATHS and scope["method"] == "POST"
 
         async def receive_counted() -> dict[str, Any]:
-            nonlocal received
+            nonlocal received, admitted
             message: dict[str, Any] = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self._max_body:
                     raise self._too_large()
+                if to_admit and not admitted and not message.get("more_body", False):
+                    self._admission.enter()
+                    admitted = True
+                    metrics.INFLIGHT.labels(self._index).inc()
             return message
 
-        admitted = False
         try:
             self._check_key(path, headers)
             length = headers.get(b"content-length", b"0")
             if not length.isdigit() or int(length) > self._max_body:
                 raise self._too_large() if length.isdigit() else ApiError(400, "bad Content-Length")
-            if path in ADMITTED_PATHS and scope["method"] == "POST":
-                self._admission.enter()
-                admitted = True
-                metrics.INFLIGHT.labels(self._index).inc()
+            if to_admit:
+                self._admission.check()  # a full server says so before reading the body
             await self._app(scope, receive_counted, send_stamped)
         except ApiError as err:
             if not started:

@@ -87,6 +87,7 @@ async def _serve(
     from apiserver.app import build_app
     from apiserver.context import ServerContext
     from apiserver.engine_client import EngineClient
+    from apiserver.http_guard import HttpLimits, guarded_protocol
     from apiserver.media import MediaFetcher
     from apiserver.renderer import Renderer
 
@@ -121,7 +122,9 @@ async def _serve(
     uv_config = uvicorn.Config(
         build_app(ctx),
         loop="none",
-        http="httptools",
+        http=guarded_protocol(HttpLimits.from_config(config)),
+        ws="none",
+        timeout_keep_alive=config.keep_alive_timeout,  # type: ignore[arg-type]  # a float works
         lifespan="on",
         access_log=False,
         log_config=None,
