@@ -6,6 +6,7 @@ re-handshake, a stalled loop that is not the engine's fault, a changed engine, a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import subprocess
 import sys
@@ -134,7 +135,7 @@ def test_cancel_racing_an_output_still_aborts(tmp_path: Path) -> None:
     every time, which asyncio.wait_for on Python 3.10/3.11 failed to guarantee."""
 
     async def main() -> None:
-        async for h in _harness(tmp_path):
+        async with _harness(tmp_path) as h:
             for i in range(40):
                 rid = f"race-{i}"
                 got: list[messages.RequestOutput] = []
@@ -156,7 +157,7 @@ def test_cancel_racing_an_output_still_aborts(tmp_path: Path) -> None:
 
 def test_finished_request_sends_no_abort(tmp_path: Path) -> None:
     async def main() -> None:
-        async for h in _harness(tmp_path):
+        async with _harness(tmp_path) as h:
             got: list[messages.RequestOutput] = []
             task = asyncio.ensure_future(_consume(h.client, "done", got))
             await h.engine.wait_for(messages.EngineRequest, "done")
@@ -180,7 +181,7 @@ def test_finished_request_sends_no_abort(tmp_path: Path) -> None:
 
 def test_leaving_early_aborts_and_errors_map(tmp_path: Path) -> None:
     async def main() -> None:
-        async for h in _harness(tmp_path):
+        async with _harness(tmp_path) as h:
             async with h.client.stream(_request("early"), Deadline.after(30)) as outputs:
                 await h.engine.send(messages.OutputBatch([messages.RequestOutput("early", [3])]))
                 async for _ in outputs:
@@ -216,7 +217,7 @@ def test_leaving_early_aborts_and_errors_map(tmp_path: Path) -> None:
 
 def test_silence_fails_requests_then_reconnects(tmp_path: Path) -> None:
     async def main() -> None:
-        async for h in _harness(tmp_path):
+        async with _harness(tmp_path) as h:
             got: list[messages.RequestOutput] = []
             task = asyncio.ensure_future(_consume(h.client, "inflight", got))
             await h.engine.wait_for(messages.EngineRequest, "inflight")
@@ -246,7 +247,7 @@ def test_silence_fails_requests_then_reconnects(tmp_path: Path) -> None:
 
 def test_stalled_loop_is_not_a_silent_engine(tmp_path: Path) -> None:
     async def main() -> None:
-        async for h in _harness(tmp_path):
+        async with _harness(tmp_path) as h:
             time.sleep(2.5)  # the loop itself stops, 2.5x the heartbeat timeout
             await asyncio.sleep(0.6)
             assert h.client.is_alive, h.client.dead_reason
@@ -256,7 +257,7 @@ def test_stalled_loop_is_not_a_silent_engine(tmp_path: Path) -> None:
 
 def test_a_changed_engine_is_fatal(tmp_path: Path) -> None:
     async def main() -> None:
-        async for h in _harness(tmp_path):
+        async with _harness(tmp_path) as h:
             h.engine.beating = h.engine.answering = False
             await _until(lambda: not h.client.is_alive)
             h.engine.ready = _ready(pid=9999)  # another engine answers
@@ -292,6 +293,7 @@ def test_stuck_loop_exits_the_process() -> None:
     assert time.monotonic() - start < 20
 
 
+@contextlib.asynccontextmanager
 async def _harness(tmp_path: Path) -> AsyncIterator[Harness]:
     run_dir = transport.make_run_dir()
     address = transport.engine_address(run_dir)
