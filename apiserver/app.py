@@ -31,6 +31,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return ApiError(exc.status_code, exc.detail, headers=dict(exc.headers or {})).response()
 
 
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    # Starlette answers with this, then re-raises: FaninMiddleware logs the traceback.
+    return ApiError(500, "internal server error").response()
+
+
 def build_app(ctx: ServerContext) -> FaninMiddleware:
     """The ASGI app: routes behind the fanin middleware. Its lifespan shutdown (after
     uvicorn's graceful drain) aborts what is still running in the engine and closes sockets."""
@@ -51,7 +56,11 @@ def build_app(ctx: ServerContext) -> FaninMiddleware:
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
-        exception_handlers={ApiError: _api_error, HTTPException: _http_error},
+        exception_handlers={
+            ApiError: _api_error,
+            HTTPException: _http_error,
+            Exception: _unexpected,
+        },
     )
     return FaninMiddleware(
         app,

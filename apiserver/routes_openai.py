@@ -70,7 +70,8 @@ class GenerationRoutes:
         deadline = Deadline.after(ctx.config.request_timeout)
         req = await parse(request, ctx, ChatCompletionRequest)
         check_model(ctx, req.model)
-        reject_unsupported(req)
+        reject_unsupported(req, ctx.ready)
+        self._check_engine()
         prompt = await ctx.renderer.render_chat(req.messages, ctx.fetcher)
         top = (req.top_logprobs or 0) if req.logprobs else None
         engine_req = self._engine_request(
@@ -113,7 +114,8 @@ class GenerationRoutes:
         deadline = Deadline.after(ctx.config.request_timeout)
         req = await parse(request, ctx, CompletionRequest)
         check_model(ctx, req.model)
-        reject_unsupported(req)
+        reject_unsupported(req, ctx.ready)
+        self._check_engine()
         prompt = await self._completion_prompt(req)
         engine_req = self._engine_request(req, prompt, req.max_tokens, req.logprobs, deadline)
         rid, created = engine_req.request_id, now()
@@ -182,8 +184,7 @@ class GenerationRoutes:
         deadline: Deadline,
     ) -> EngineRequest:
         ready = self._ctx.ready
-        if not self._ctx.client.is_alive:
-            raise engine_unavailable(self._ctx.client.dead_reason or "not connected")
+        self._check_engine()  # again: it may have gone while the prompt rendered
         sampling = sampling_params(
             req, max_tokens, len(prompt.token_ids), ready.max_model_len, logprobs
         )
@@ -197,6 +198,12 @@ class GenerationRoutes:
             priority=req.priority,
             deadline=deadline.wall_clock,
         )
+
+    def _check_engine(self) -> None:
+        """503 at once while the engine is unavailable (before any rendering work)."""
+        client = self._ctx.client
+        if not client.is_alive:
+            raise engine_unavailable(client.dead_reason or "not connected")
 
     async def _chat_chunks(
         self,
