@@ -90,6 +90,12 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     keep_alive_timeout: Annotated[
         float, Meta(gt=0, description="seconds an idle keep-alive connection stays open")
     ] = 5.0
+    max_embedding_inputs: Annotated[
+        int, Meta(ge=1, description="inputs in one embeddings request (OpenAI's limit: 2048)")
+    ] = 2048
+    max_embedding_tokens: Annotated[
+        int, Meta(ge=1, description="tokens of all inputs of one embeddings request together")
+    ] = 300_000
     max_connections: Annotated[
         int,
         Meta(ge=1, description="open connections per API server; more get 503 and are closed"),

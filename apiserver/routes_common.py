@@ -111,14 +111,7 @@ def sampling_params(
     room = max_model_len - prompt_len
     field = _max_tokens_field(req)
     if room <= 0 or (max_tokens is not None and max_tokens > room):
-        asked = "" if max_tokens is None else f" plus {field} {max_tokens}"
-        raise ApiError(
-            400,
-            f"this model's maximum context length is {max_model_len} tokens; the prompt has "
-            f"{prompt_len} tokens{asked}, which does not fit",
-            param=field if room > 0 else _prompt_field(req),
-            code="context_length_exceeded",
-        )
+        raise context_exceeded(req, max_model_len, prompt_len, max_tokens)
     if req.min_tokens > (max_tokens or room):
         limit = f"{field} ({max_tokens})" if max_tokens else f"the context left ({room} tokens)"
         raise ApiError(
@@ -138,6 +131,24 @@ def sampling_params(
         ignore_eos=req.ignore_eos,
         min_tokens=req.min_tokens,
         logprobs=logprobs,
+    )
+
+
+def context_exceeded(
+    req: ChatCompletionRequest | CompletionRequest,
+    max_model_len: int,
+    prompt_len: int,
+    max_tokens: int | None,
+) -> ApiError:
+    """The 400 for a prompt (plus max_tokens) that does not fit the model's context."""
+    field = _max_tokens_field(req)
+    asked = "" if max_tokens is None else f" plus {field} {max_tokens}"
+    return ApiError(
+        400,
+        f"this model's maximum context length is {max_model_len} tokens; the prompt has "
+        f"{prompt_len} tokens{asked}, which does not fit",
+        param=field if prompt_len < max_model_len else _prompt_field(req),
+        code="context_length_exceeded",
     )
 
 

@@ -34,11 +34,12 @@ from apiserver.protocol import (
     TopLogprob,
     Usage,
 )
-from apiserver.renderer import Prompt
+from apiserver.renderer import Prompt, Renderer
 from apiserver.request_stream import Deadline
 from apiserver.routes_common import (
     EventStream,
     check_model,
+    context_exceeded,
     json_response,
     new_id,
     now,
@@ -72,11 +73,12 @@ class GenerationRoutes:
         check_model(ctx, req.model)
         reject_unsupported(req, ctx.ready)
         self._check_engine()
-        prompt = await ctx.renderer.render_chat(req.messages, ctx.fetcher)
-        top = (req.top_logprobs or 0) if req.logprobs else None
-        engine_req = self._engine_request(
-            req, prompt, req.max_completion_tokens or req.max_tokens, top, deadline
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        prompt = await ctx.renderer.render_chat(
+            req.messages, ctx.fetcher, reserved_tokens=max_tokens or 1
         )
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        engine_req = self._engine_request(req, prompt, max_tokens, top, deadline)
         rid, model, created = engine_req.request_id, ctx.model_name, now()
         steps, tally = self._start(req, engine_req, deadline)
         if req.stream:
@@ -169,11 +171,13 @@ class GenerationRoutes:
         p: str | list[Any] = req.prompt
         if isinstance(p, list) and len(p) == 1 and not isinstance(p[0], int):
             p = p[0]  # a list of one string or of one token list
+        renderer = self._ctx.renderer
         if isinstance(p, str):
-            return await self._ctx.renderer.render_text(p)
-        if p and all(isinstance(t, int) for t in p):
-            return self._ctx.renderer.token_prompt(p)
-        raise ApiError(400, "prompt must be one string or one list of token ids", param="prompt")
+            return await renderer.render_text(p)
+        max_len = self._ctx.ready.max_model_len
+        if len(p) > max_len:  # before any work on a list of any length
+            raise context_exceeded(req, max_len, len(p), req.max_tokens)
+        return await renderer.run(_token_list_prompt, renderer, p)
 
     def _engine_request(
         self,
@@ -285,6 +289,13 @@ class GenerationRoutes:
             acc.top_logprobs.append(
                 {self._token_text(i): v for i, v in zip(lp.top_ids, lp.top_logprobs, strict=False)}
             )
+
+
+def _token_list_prompt(renderer: Renderer, p: list[Any]) -> Prompt:
+    """A completion prompt given as token ids (blocking: O(length) Python work)."""
+    if p and all(isinstance(t, int) for t in p):
+        return renderer.token_prompt(p)
+    raise ApiError(400, "prompt must be one string or one list of token ids", param="prompt")
 
 
 def _paired(step: Step) -> list[tuple[int, TokenLogprobs]]:
