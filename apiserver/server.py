@@ -5,9 +5,11 @@
 
 Reads the ServerConfig JSON, connects to the engine (HELLO/READY), loads the model's tokenizer
 and processor, then serves the inherited listening socket with uvicorn (uvloop + httptools)
-and writes one byte to ``--ready-fd`` once it accepts. SIGTERM: uvicorn stops accepting and
-lets in-flight requests finish for ``shutdown_timeout`` seconds; the lifespan shutdown then
-aborts whatever is left in the engine; exit status 0.
+and writes one byte to ``--ready-fd`` once it accepts. SIGTERM (or SIGHUP, SIGINT): uvicorn
+stops accepting and lets in-flight requests finish for ``shutdown_timeout`` seconds; the
+lifespan shutdown then aborts whatever is left in the engine; exit status 0. Exit status 1:
+the engine client cannot go on (the engine was replaced, or its socket failed); 3: the event
+loop was stuck (``apiserver.watchdog``). The launcher respawns the server either way.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from ipc.lifecycle import die_with_parent, name_process
 
 log = logging.getLogger("apiserver")
 
-_HANDLED = (signal.SIGINT, signal.SIGTERM)
+_HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
