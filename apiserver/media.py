@@ -121,17 +121,23 @@ class MediaFetcher:
             raise ApiError(
                 400, f"cannot read image file: {exc.strerror}", param="image_url"
             ) from None
-        with open(fd, "rb") as f:
-            info = os.fstat(f.fileno())
+        try:
+            info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
                 raise ApiError(400, "file:// URL is not a regular file", param="image_url")
             self._check_size(info.st_size)
-            try:
-                data = f.read(self._config.max_media_bytes + 1)
-            except OSError as exc:
-                raise ApiError(
-                    400, f"cannot read image file: {exc.strerror}", param="image_url"
-                ) from None
+            data = b""
+            while len(data) <= self._config.max_media_bytes:
+                chunk = os.read(fd, self._config.max_media_bytes + 1 - len(data))
+                if not chunk:
+                    break
+                data += chunk
+        except OSError as exc:
+            raise ApiError(
+                400, f"cannot read image file: {exc.strerror}", param="image_url"
+            ) from None
+        finally:
+            os.close(fd)
         self._check_size(len(data))  # it may have grown since the fstat
         return data
 

@@ -129,6 +129,14 @@ async def _consume(client: EngineClient, rid: str, got: list[messages.RequestOut
             got.append(out)
 
 
+async def _start(h: Harness, rid: str) -> tuple[asyncio.Future[None], list[Any]]:
+    """A request consumed in a task of its own, once the engine has it."""
+    got: list[messages.RequestOutput] = []
+    task = asyncio.ensure_future(_consume(h.client, rid, got))
+    await h.engine.wait_for(messages.EngineRequest, rid)
+    return task, got
+
+
 def test_cancel_racing_an_output_still_aborts(tmp_path: Path) -> None:
     """The output and the cancellation land in the same loop turn (the reader routes an
     output, then the client's disconnect cancels the handler): the request must be aborted
@@ -138,9 +146,7 @@ def test_cancel_racing_an_output_still_aborts(tmp_path: Path) -> None:
         async with _harness(tmp_path) as h:
             for i in range(40):
                 rid = f"race-{i}"
-                got: list[messages.RequestOutput] = []
-                task = asyncio.ensure_future(_consume(h.client, rid, got))
-                await h.engine.wait_for(messages.EngineRequest, rid)
+                task, _ = await _start(h, rid)
                 h.client._route(messages.RequestOutput(rid, [7]))
                 if i % 2:  # both orders within the turn
                     task.cancel()
@@ -158,16 +164,12 @@ def test_cancel_racing_an_output_still_aborts(tmp_path: Path) -> None:
 def test_finished_request_sends_no_abort(tmp_path: Path) -> None:
     async def main() -> None:
         async with _harness(tmp_path) as h:
-            got: list[messages.RequestOutput] = []
-            task = asyncio.ensure_future(_consume(h.client, "done", got))
-            await h.engine.wait_for(messages.EngineRequest, "done")
+            task, _ = await _start(h, "done")
             h.client._route(messages.RequestOutput("done", [1], finish_reason="length"))
             task.cancel()  # the engine already finished it: nothing to abort
             with pytest.raises(asyncio.CancelledError):
                 await task
-            full: list[messages.RequestOutput] = []
-            task = asyncio.ensure_future(_consume(h.client, "full", full))
-            await h.engine.wait_for(messages.EngineRequest, "full")
+            task, full = await _start(h, "full")
             await h.engine.send(
                 messages.OutputBatch([messages.RequestOutput("full", [2], finish_reason="stop")])
             )
@@ -218,9 +220,7 @@ def test_leaving_early_aborts_and_errors_map(tmp_path: Path) -> None:
 def test_silence_fails_requests_then_reconnects(tmp_path: Path) -> None:
     async def main() -> None:
         async with _harness(tmp_path) as h:
-            got: list[messages.RequestOutput] = []
-            task = asyncio.ensure_future(_consume(h.client, "inflight", got))
-            await h.engine.wait_for(messages.EngineRequest, "inflight")
+            task, _ = await _start(h, "inflight")
             h.engine.beating = h.engine.answering = False
             with pytest.raises(ApiError) as exc:
                 await asyncio.wait_for(task, 10)
@@ -233,9 +233,7 @@ def test_silence_fails_requests_then_reconnects(tmp_path: Path) -> None:
             h.engine.beating = h.engine.answering = True
             await _until(lambda: h.client.is_alive)
             assert h.engine.count(messages.Hello) > hellos  # a re-handshake, not just beats
-            got = []
-            task = asyncio.ensure_future(_consume(h.client, "after", got))
-            await h.engine.wait_for(messages.EngineRequest, "after")
+            task, _ = await _start(h, "after")
             await h.engine.send(
                 messages.OutputBatch([messages.RequestOutput("after", [4], finish_reason="stop")])
             )

@@ -61,31 +61,24 @@ HEALTH_BOUND_S = 0.1
 HEALTH_PROBE = Path(__file__).with_name("health_probe.py")
 
 
-@pytest.fixture(scope="session")
-def media_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Real photos (scikit-image), the allowed root of file:// image URLs."""
-    from PIL import Image
-    from skimage import data
-
-    root = tmp_path_factory.mktemp("hostile-media")
-    Image.fromarray(data.astronaut()).save(root / "astronaut.png")
-    Image.fromarray(data.coffee()).save(root / "coffee.jpg", quality=90)
-    return root
+#: Real photos (scikit-image) in a folder, session-scoped: tests/apiserver's own fixture.
+media_dir = _stacks.media_dir
 
 
 @pytest.fixture(scope="session")
 def fake(
-    tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path, media_root: Path
+    tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path, media_dir: Path
 ) -> Iterator[Any]:
     """The stand-in engine and one API server, with the short limits, image URLs allowed
-    from loopback (the tests' own image server) and from ``media_root``."""
+    from loopback (the tests' own image server) and from ``media_dir``."""
     stack = _stacks.start_stack(
         tmp_path_factory.mktemp("hostile-fake"),
         default_model_dir,
         step_s=0.01,
-        allowed_local_media_path=str(media_root),
+        allowed_local_media_path=str(media_dir),
         allow_private_media_urls=True,
         max_image_pixels=4_000_000,
+        media_fetch_timeout=2.0,
         **LIMITS,
     )
     yield stack
@@ -93,13 +86,17 @@ def fake(
 
 
 @pytest.fixture(scope="session")
-def real(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Iterator[Fanin]:
-    """A real `fanin serve` of the default model with 2 API servers and the short limits."""
+def real(
+    tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path, media_dir: Path
+) -> Iterator[Fanin]:
+    """A real `fanin serve` of the default model with 2 API servers and the short limits,
+    file:// images allowed from ``media_dir``."""
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in LIMITS.items()]
     running = start_fanin(
         tmp_path_factory.mktemp("hostile-real"),
         default_model_dir,
         *("--api-server-count", "2", "--served-model-name", "default"),
+        *("--allowed-local-media-path", str(media_dir)),
         *flags,
     )
     yield running
