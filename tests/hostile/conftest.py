@@ -13,7 +13,7 @@ import importlib.util
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -59,6 +59,27 @@ LIMITS: dict[str, Any] = {
 #: /health must answer within this while an attack runs (the issue's goal, on 2 CI cores).
 HEALTH_BOUND_S = 0.1
 HEALTH_PROBE = Path(__file__).with_name("health_probe.py")
+HERE = Path(__file__).parent
+#: The test that drains the shared real server with SIGHUP: it runs after this folder's others.
+DRAINS_REAL = "test_sighup_drains_like_sigterm"
+#: Stop functions of the servers started here: called once this folder's tests are done, so
+#: that they do not idle through the rest of the session (each is safe to call twice).
+_servers: list[Callable[[], object]] = []
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    ours = [i for i in items if HERE in i.path.parents]
+    drain = [i for i in ours if i.name == DRAINS_REAL]
+    if drain and ours[-1] is not drain[0]:
+        items.remove(drain[0])
+        items.insert(items.index(ours[-1]) + 1, drain[0])
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    if HERE in item.path.parents and (nextitem is None or HERE not in nextitem.path.parents):
+        while _servers:
+            _servers.pop()()
 
 
 #: Real photos (scikit-image) in a folder, session-scoped: tests/apiserver's own fixture.
@@ -81,6 +102,7 @@ def fake(
         media_fetch_timeout=2.0,
         **LIMITS,
     )
+    _servers.append(stack.stop)
     yield stack
     stack.stop()
 
@@ -99,6 +121,7 @@ def real(
         *("--allowed-local-media-path", str(media_dir)),
         *flags,
     )
+    _servers.append(running.kill_tree)
     yield running
     running.kill_tree()
 

@@ -10,13 +10,12 @@ import signal
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from conftest import HEARTBEAT_TIMEOUT_S, LIMITS, HealthProbe, assert_error, assert_served
-from fanin_proc import Fanin, descendants, start_fanin, wait_gone
+from conftest import HEARTBEAT_TIMEOUT_S, HealthProbe, assert_error, assert_served
+from fanin_proc import Fanin, descendants, wait_gone
 
 pytestmark = pytest.mark.slow
 
@@ -114,26 +113,23 @@ def test_api_server_stall_is_not_a_dead_engine(real: Fanin, stopped: list[int]) 
     assert real.log().count("engine is unavailable") == before
 
 
-def test_sighup_drains_like_sigterm(default_model_dir: Path, tmp_path: Path) -> None:
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in LIMITS.items()]
-    fanin = start_fanin(tmp_path, default_model_dir, "--served-model-name", "default", *flags)
-    try:
-        children = descendants(fanin.proc.pid)
-        client = fanin.client(timeout=60)
-        stream = client.completions.create(
-            model="default",
-            prompt="one two three",
-            max_tokens=30,
-            stream=True,
-            extra_body={"ignore_eos": True},
-        )
-        next(iter(stream))
-        fanin.proc.send_signal(signal.SIGHUP)
-        assert "STOPPING=1" in fanin.wait_notice("STOPPING=1", 30)
-        finish = [c.choices[0].finish_reason for c in stream if c.choices]
-        assert finish[-1] == "length"  # the in-flight stream completed during the drain
-        assert fanin.proc.wait(60) == 0
-        assert wait_gone(children, 15) == []
-        assert "SIGHUP: draining" in fanin.log()
-    finally:
-        fanin.kill_tree()
+def test_sighup_drains_like_sigterm(real: Fanin) -> None:
+    """Last of this folder's tests (conftest orders it so): it drains the shared server."""
+    children = descendants(real.proc.pid)
+    client = real.client(timeout=60)
+    stream = client.completions.create(
+        model="default",
+        prompt="one two three",
+        max_tokens=30,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    next(iter(stream))
+    real.notices.clear()
+    real.proc.send_signal(signal.SIGHUP)
+    assert "STOPPING=1" in real.wait_notice("STOPPING=1", 30)
+    finish = [c.choices[0].finish_reason for c in stream if c.choices]
+    assert finish[-1] == "length"  # the in-flight stream completed during the drain
+    assert real.proc.wait(60) == 0
+    assert wait_gone(children, 15) == []
+    assert "SIGHUP: draining" in real.log()
