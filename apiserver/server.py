@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -35,6 +36,8 @@ from ipc.lifecycle import die_with_parent, name_process
 log = logging.getLogger("apiserver")
 
 _HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+#: File descriptors besides client connections: ZeroMQ, pipes, model and media files.
+FD_HEADROOM = 256
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -67,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         level=config.log_level.upper(),
         format=f"%(asctime)s %(levelname)s api-server-{args.index} %(name)s: %(message)s",
     )
+    _raise_fd_limit(config.max_connections + FD_HEADROOM)
     sock = socket.socket(fileno=args.listen_fd)
     try:
         return uvloop.run(_serve(config, args.index, sock, args.ready_fd))
@@ -78,6 +82,22 @@ def main(argv: list[str] | None = None) -> int:
         from apiserver import metrics
 
         metrics.mark_dead(os.getpid())
+
+
+def _raise_fd_limit(wanted: int) -> None:
+    """Past the fd limit, accept() fails and connections are reset instead of shed with a
+    503 (``http_guard``): raise the soft limit toward the hard one, as vLLM does."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= wanted:
+        return
+    new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    if new < wanted:
+        log.warning(
+            "open-file limit %d is below --max-connections plus %d; raise it (LimitNOFILE=)",
+            new,
+            FD_HEADROOM,
+        )
 
 
 async def _serve(
