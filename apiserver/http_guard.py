@@ -191,10 +191,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = False
         self._head_fed = 0
         self._body_left = None
+        chunked = False
         for name, value in self.headers:
             if name == b"content-length" and value.isdigit():
                 self._body_left = int(value)
-        self._arm(self.limits.body_timeout_s, self._body_timed_out)
+            elif name == b"transfer-encoding":
+                chunked = True
+        if self._body_left or chunked:  # else the parser ends the request right here
+            self._arm(self.limits.body_timeout_s, self._body_timed_out)
+        else:
+            self._disarm()
 
     def on_body(self, body: bytes) -> None:
         if self._body_left is not None:

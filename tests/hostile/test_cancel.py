@@ -11,8 +11,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import HealthProbe, assert_served
 from fanin_proc import Fanin
+from hostile_kit import HealthProbe, assert_served
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import HealthProbe, assert_error, assert_served
+from hostile_kit import HealthProbe, assert_error, assert_served
 
 pytestmark = pytest.mark.slow
 

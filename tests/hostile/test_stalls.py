@@ -14,8 +14,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import HEARTBEAT_TIMEOUT_S, HealthProbe, assert_error, assert_served
 from fanin_proc import Fanin, descendants, wait_gone
+from hostile_kit import HEARTBEAT_TIMEOUT_S, HealthProbe, assert_error, assert_served
 
 pytestmark = pytest.mark.slow
 

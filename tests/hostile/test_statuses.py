@@ -12,8 +12,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import HealthProbe, assert_error, assert_served, error_of
 from fanin_proc import Fanin
+from hostile_kit import HealthProbe, assert_error, assert_served, error_of
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.requests import Request

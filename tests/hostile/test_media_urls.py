@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import HealthProbe, assert_error, assert_served
+from hostile_kit import HealthProbe, assert_error, assert_served
 from PIL import Image
 
 pytestmark = pytest.mark.slow
