@@ -49,8 +49,9 @@ log = logging.getLogger(__name__)
 
 #: Longest request line (method, target, version), as Apache's ``LimitRequestLine``.
 MAX_REQUEST_LINE_BYTES = 8 << 10
-#: A chunked body is fed in slices of this size, so that a request that begins inside one
-#: (pipelining) is charged at most this much for bytes of its head the parser already took.
+#: A chunked body is fed in slices of at most this size (and a quarter of the head limit), so
+#: that a request that begins inside one (pipelining) is charged at most that much for bytes
+#: of its head the parser already took.
 BODY_SLICE_BYTES = 16 << 10
 #: How long a refused connection keeps reading (and dropping) before it is closed.
 LINGER_S = 1.0
@@ -141,6 +142,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._body_left: int | None = None  # of a body with a Content-Length
         self._timer: asyncio.TimerHandle | None = None
         self._is_closing = False
+        self._slice = min(BODY_SLICE_BYTES, self.limits.max_header_bytes // 4)
 
     # -- connection ------------------------------------------------------------------------
 
@@ -168,7 +170,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 pos = self._read_head(data, pos)
                 continue
             if self._body_left is None:
-                end = min(len(data), pos + BODY_SLICE_BYTES)
+                end = min(len(data), pos + self._slice)
             else:
                 end = min(len(data), pos + (self._body_left or len(data)))
             self._feed(memoryview(data)[pos:end])
@@ -279,7 +281,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return  # in a body, or between requests: the parser holds no head bytes
         # A head is in progress inside the parser: all of this chunk if the head was already
         # going, else an unknown share of it (a request that began after one that ended here);
-        # the whole chunk is counted then, which BODY_SLICE_BYTES bounds.
+        # the whole chunk is counted then, which the slice size bounds.
         if heads_before != self._num_heads:
             self._head_fed = len(chunk)
         else:

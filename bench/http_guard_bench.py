@@ -32,16 +32,16 @@ LIMITS = HttpLimits(
 )
 
 
-class _Transport(asyncio.Transport):
+class StandInTransport(asyncio.Transport):
     """Enough of a transport for the protocols: writes are counted, nothing is sent."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.written = 0
+        self.written = bytearray()
         self.closing = False
 
     def write(self, data: Any) -> None:
-        self.written += len(data)
+        self.written += data
 
     def close(self) -> None:
         self.closing = True
@@ -69,11 +69,17 @@ async def _app(scope: Any, receive: Any, send: Any) -> None:
     pass
 
 
-def _connection(kind: type[HttpToolsProtocol], loop: asyncio.AbstractEventLoop) -> Any:
-    config = uvicorn.Config(_app, lifespan="off", log_config=None, access_log=False, ws="none")
+def open_connection(
+    kind: type[HttpToolsProtocol], loop: asyncio.AbstractEventLoop, app: Any = None
+) -> Any:
+    """A protocol of ``kind`` connected to a StandInTransport, serving ``app`` (default: one
+    that does nothing) on ``loop``; its app tasks start when ``loop`` runs."""
+    config = uvicorn.Config(
+        app or _app, lifespan="off", log_config=None, access_log=False, ws="none"
+    )
     config.load()
     protocol = kind(config=config, server_state=ServerState(), app_state={}, _loop=loop)
-    protocol.connection_made(_Transport())
+    protocol.connection_made(StandInTransport())
     return protocol
 
 
@@ -87,7 +93,7 @@ def _time_reads(
     calls: list[float] = []
     try:
         for _ in range(iters):
-            protocol = _connection(kind, loop)
+            protocol = open_connection(kind, loop)
             total = 0.0
             for data in reads:
                 start = time.perf_counter()
