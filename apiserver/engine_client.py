@@ -222,7 +222,9 @@ class EngineClient:
         engine said it is dead."""
         if not recoverable:
             self._is_permanent = True
-        if not engine.is_up:
+        if not engine.is_up:  # lost already; a fatal reason still replaces a passing one
+            if not recoverable:
+                self.dead_reason = reason
             return
         engine.is_up = False
         self.dead_reason = reason
