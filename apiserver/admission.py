@@ -29,13 +29,17 @@ class Admission:
 
     def enter(self) -> None:
         """Count one more request in flight, or raise ApiError(429) saying which limit hit."""
+        self.check()
+        self.inflight += 1
+
+    def check(self) -> None:
+        """Raise ApiError(429) if a new request would pass a limit now."""
         if self.inflight >= self._max_inflight:
             raise self._busy(f"server has {self.inflight} requests in flight")
         if self._engine_waiting() >= self._max_engine_waiting:
             raise self._busy("engine queue is full")
         if self._renders_full():
             raise self._busy("preprocessing queue is full")
-        self.inflight += 1
 
     def leave(self) -> None:
         self.inflight -= 1

@@ -31,6 +31,15 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return ApiError(exc.status_code, exc.detail, headers=dict(exc.headers or {})).response()
 
 
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    # Starlette answers with this, then re-raises: FaninMiddleware logs the traceback.
+    return ApiError(500, "internal server error").response()
+
+
+#: Every error inside the app becomes an OpenAI error object, Starlette's own included.
+EXCEPTION_HANDLERS = {ApiError: _api_error, HTTPException: _http_error, Exception: _unexpected}
+
+
 def build_app(ctx: ServerContext) -> FaninMiddleware:
     """The ASGI app: routes behind the fanin middleware. Its lifespan shutdown (after
     uvicorn's graceful drain) aborts what is still running in the engine and closes sockets."""
@@ -51,7 +60,7 @@ def build_app(ctx: ServerContext) -> FaninMiddleware:
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
-        exception_handlers={ApiError: _api_error, HTTPException: _http_error},
+        exception_handlers=EXCEPTION_HANDLERS,
     )
     return FaninMiddleware(
         app,

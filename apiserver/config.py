@@ -83,6 +83,39 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             "baselines only, never for serving)"
         ),
     ] = "pool"
+    # Hostile clients and stalled peers: every read bounded in bytes and time.
+    max_header_bytes: Annotated[
+        int, Meta(ge=1024, description="largest request line plus headers (431 above)")
+    ] = 64 << 10
+    header_timeout: Annotated[
+        float,
+        Meta(gt=0, description="seconds a request's line and headers may take to arrive (408)"),
+    ] = 10.0
+    body_timeout: Annotated[
+        float,
+        Meta(gt=0, description="seconds a request body may take, from the end of its headers"),
+    ] = 60.0
+    keep_alive_timeout: Annotated[
+        float, Meta(gt=0, description="seconds an idle keep-alive connection stays open")
+    ] = 5.0
+    max_embedding_inputs: Annotated[
+        int, Meta(ge=1, description="inputs in one embeddings request (OpenAI's limit: 2048)")
+    ] = 2048
+    max_embedding_tokens: Annotated[
+        int, Meta(ge=1, description="tokens of all inputs of one embeddings request together")
+    ] = 300_000
+    max_connections: Annotated[
+        int,
+        Meta(ge=1, description="open connections per API server; more get 503 and are closed"),
+    ] = 2048
+    engine_heartbeat_timeout: Annotated[
+        float,
+        Meta(
+            ge=1.0,
+            description="seconds of engine silence (it sends a heartbeat every 0.5 s) before "
+            "in-flight requests fail with 503 and the server reconnects",
+        ),
+    ] = 5.0
     log_level: Annotated[str, Meta(description="debug, info, warning or error")] = "info"
     engine_address: Annotated[str, Meta(description="(internal) engine ZeroMQ address")] = ""
     metrics_dir: Annotated[

@@ -4,6 +4,11 @@ Byte-level BPE splits multibyte characters over several tokens; decoding a parti
 gives U+FFFD, so text ending in it is held back until the next token completes it. A possible
 stop-string prefix at the end of the text is also held back while streaming, so a client never
 sees text that a later stop hit would have truncated.
+
+Stop strings cost work on every token, so both searches are bounded by what is new: a hit is
+looked for only where new text could complete one, and each stop's held-back prefix can only
+have grown by the characters added since the last look (so the candidates tried over a
+request's life add up to the text's length, not to its square).
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ class IncrementalDetokenizer:
         self._text = ""
         self._emitted = 0
         self._searched = 0
+        self._matched = [0] * len(self._stop)  # per stop: the text suffix that starts it
+        self._grown = 0  # characters added since the held-back prefixes were last found
         self.stopped = False
         self.num_tokens = 0
 
@@ -68,6 +75,7 @@ class IncrementalDetokenizer:
         if not piece:
             return
         self._text += piece
+        self._grown += len(piece)
         longest = max((len(s) for s in self._stop), default=0)
         start = max(0, self._searched - longest + 1)
         hits = [i for i in (self._text.find(s, start) for s in self._stop) if i >= 0]
@@ -87,10 +95,11 @@ class IncrementalDetokenizer:
 
     def _held_back(self) -> int:
         """Length of the longest text suffix that could still grow into a stop string."""
-        best = 0
-        for s in self._stop:
-            for k in range(min(len(s) - 1, len(self._text)), best, -1):
-                if self._text.endswith(s[:k]):
-                    best = k
-                    break
-        return best
+        text, grown = self._text, self._grown
+        self._grown = 0
+        for i, s in enumerate(self._stop):
+            k = min(len(s) - 1, len(text), self._matched[i] + grown)
+            while k > 0 and not text.endswith(s[:k]):
+                k -= 1
+            self._matched[i] = k
+        return max(self._matched, default=0)

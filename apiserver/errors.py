@@ -75,4 +75,9 @@ def from_validation(exc: msgspec.ValidationError | msgspec.DecodeError) -> ApiEr
 
 def engine_unavailable(reason: str) -> ApiError:
     """The engine core is gone: every request fails fast with this (never hangs)."""
-    return ApiError(503, f"engine unavailable: {reason}", code="engine_unavailable")
+    return ApiError(
+        503,
+        f"engine unavailable: {reason}",
+        code="engine_unavailable",
+        headers={"Retry-After": "1"},
+    )

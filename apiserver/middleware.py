@@ -1,8 +1,12 @@
 """The one pure-ASGI middleware in front of every route. In order, before any body byte is
 read: request id, API key, Content-Length cap, admission control. While the body streams in,
-it counts bytes (chunked bodies have no Content-Length). On the way out it stamps the server
+it counts bytes (chunked bodies have no Content-Length); a request counts as in flight only
+once its whole body is in, so clients that send a body slowly (bounded by the connection
+limits of ``http_guard``) never hold admission slots. On the way out it stamps the server
 index and request id on the response and counts the status; unexpected exceptions are logged
-and answered with an OpenAI-style 500."""
+and answered with an OpenAI-style 500. A client that leaves before its answer is complete
+counts as 499 and is logged at info, without a traceback: client behaviour must not look like
+a server fault to alerts on 5xx."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from typing import Any
 from apiserver import metrics
 from apiserver.admission import Admission
 from apiserver.errors import ApiError
+from apiserver.http_guard import BODY_TIMED_OUT
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +71,10 @@ class FaninMiddleware:
         scope.setdefault("state", {})["request_id"] = rid
         path = scope["path"]
         status = 500
-        started = False
+        started = completed = client_left = False
 
         async def send_stamped(message: MutableMapping[str, Any]) -> None:
-            nonlocal status, started
+            nonlocal status, started, completed
             if message["type"] == "http.response.start":
                 status, started = message["status"], True
                 message["headers"] = [
@@ -77,29 +82,36 @@ class FaninMiddleware:
                     (b"x-fanin-server", self._index.encode()),
                     (b"x-request-id", rid.encode()),
                 ]
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                completed = True
             await send(message)
 
         received = 0
+        admitted = False
+        to_admit = path in ADMITTED_PATHS and scope["method"] == "POST"
 
         async def receive_counted() -> dict[str, Any]:
-            nonlocal received
+            nonlocal received, admitted, client_left
             message: dict[str, Any] = await receive()
-            if message["type"] == "http.request":
+            if message["type"] == "http.disconnect" and not completed:
+                client_left = True
+            elif message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self._max_body:
                     raise self._too_large()
+                if to_admit and not admitted and not message.get("more_body", False):
+                    self._admission.enter()
+                    admitted = True
+                    metrics.INFLIGHT.labels(self._index).inc()
             return message
 
-        admitted = False
         try:
             self._check_key(path, headers)
             length = headers.get(b"content-length", b"0")
             if not length.isdigit() or int(length) > self._max_body:
                 raise self._too_large() if length.isdigit() else ApiError(400, "bad Content-Length")
-            if path in ADMITTED_PATHS and scope["method"] == "POST":
-                self._admission.enter()
-                admitted = True
-                metrics.INFLIGHT.labels(self._index).inc()
+            if to_admit:
+                self._admission.check()  # a full server says so before reading the body
             await self._app(scope, receive_counted, send_stamped)
         except ApiError as err:
             if not started:
@@ -114,6 +126,16 @@ class FaninMiddleware:
             if admitted:
                 self._admission.leave()
                 metrics.INFLIGHT.labels(self._index).dec()
+            if scope["state"].get(BODY_TIMED_OUT):
+                status = 408  # http_guard answered it and told the app the client was gone
+            elif client_left:
+                status = 499
+                log.info(
+                    "%s %s: the client left before its answer was complete (request %s)",
+                    scope["method"],
+                    path,
+                    rid,
+                )
             endpoint = path if path in KNOWN_PATHS else "other"
             metrics.REQUESTS.labels(endpoint, str(status)).inc()
 

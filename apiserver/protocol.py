@@ -20,6 +20,12 @@ MaxTokens = Annotated[int, Meta(ge=1)]
 #: value is the client's 400 instead of an encoding failure (a 500). Seeds: vLLM's range too.
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 Int64 = Annotated[int, Meta(ge=INT64_MIN, le=INT64_MAX)]
+#: Client-controlled sizes that cost work on every generated token: a request past these gets
+#: a 400 naming the limit (msgspec's "Expected `array` of length <= 32 - at `$.stop`").
+MAX_STOP_STRINGS = 32
+MAX_STOP_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 1024
+StopString = Annotated[str, Meta(max_length=MAX_STOP_CHARS)]
 
 
 class _Req(msgspec.Struct, kw_only=True):
@@ -59,7 +65,7 @@ class _SamplingFields(_Req):
     max_tokens: MaxTokens | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
-    stop: str | list[str] | None = None
+    stop: StopString | Annotated[list[StopString], Meta(max_length=MAX_STOP_STRINGS)] | None = None
     seed: Int64 | None = None
     n: int = 1
     stream: bool = False
@@ -73,7 +79,7 @@ class _SamplingFields(_Req):
     repetition_penalty: Annotated[float, Meta(gt=0.0)] = 1.0
     min_tokens: Annotated[int, Meta(ge=0, le=INT64_MAX)] = 0
     ignore_eos: bool = False
-    stop_token_ids: list[Int64] | None = None
+    stop_token_ids: Annotated[list[Int64], Meta(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     priority: Int64 = 0
 
 

@@ -28,7 +28,7 @@ from transformers import AutoProcessor, AutoTokenizer
 from apiserver import metrics
 from apiserver.config import ServerConfig
 from apiserver.errors import ApiError
-from apiserver.media import MediaBytes, MediaFetcher, decode_image
+from apiserver.media import MediaBytes, MediaFetcher, load_rgb, open_image
 from apiserver.protocol import ChatMessage, ImagePart, TextPart
 from ipc.messages import MultiModalItem, Ready
 
@@ -92,9 +92,15 @@ class Renderer:
             metrics.RENDER.observe(time.perf_counter() - start)
 
     async def render_chat(
-        self, messages: list[ChatMessage], fetcher: MediaFetcher, add_generation_prompt: bool = True
+        self,
+        messages: list[ChatMessage],
+        fetcher: MediaFetcher,
+        add_generation_prompt: bool = True,
+        reserved_tokens: int = 0,
     ) -> Prompt:
-        """Template, tokenize and process the images of a chat."""
+        """Template, tokenize and process the images of a chat. ``reserved_tokens`` (the
+        request's max_tokens) must fit beside the prompt: images are counted from their
+        headers, and a chat that cannot fit is refused before any image is decoded."""
         conversation, urls = _to_hf_messages(messages)
         if len(urls) > self._config.max_images_per_request:
             raise ApiError(
@@ -106,36 +112,56 @@ class Renderer:
         if urls and self._processor is None:
             raise ApiError(400, "this model does not accept images", param="messages")
         media = await asyncio.gather(*(fetcher.fetch(u) for u in urls))
-        return await self.run(self._chat_blocking, conversation, media, add_generation_prompt)
+        return await self.run(
+            self._chat_blocking, conversation, media, add_generation_prompt, reserved_tokens
+        )
 
     async def render_text(self, text: str, add_special_tokens: bool = True) -> Prompt:
         ids = await self.run(self._encode_blocking, text, add_special_tokens)
         return Prompt(self._checked(ids, 0))
 
-    def token_prompt(self, ids: list[int]) -> Prompt:
-        """A client-supplied token-id prompt, checked against the vocabulary."""
+    def token_prompt(self, ids: list[int], param: str = "prompt") -> Prompt:
+        """A client-supplied token-id prompt, checked against the vocabulary. Blocking for
+        long lists: callers run it on the pool."""
         try:
             array = np.asarray(ids, dtype=np.int64)
         except OverflowError:  # JSON integers have no bound; past 64 bits is past the vocabulary
-            raise self._outside_vocabulary() from None
-        return Prompt(self._checked(array, 0))
+            raise self._outside_vocabulary(param) from None
+        return Prompt(self._checked(array, 0, param))
+
+    def prompts_blocking(self, items: list[str | list[int]], param: str) -> list[Prompt]:
+        """Prompts of several texts or token lists at once (one pool job for a batch of
+        embedding inputs). Blocking."""
+        return [
+            Prompt(self._checked(self._encode_blocking(x, True), 0, param))
+            if isinstance(x, str)
+            else self.token_prompt(x, param)
+            for x in items
+        ]
 
     def _encode_blocking(self, text: str, add_special_tokens: bool) -> np.ndarray:
         return np.asarray(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     def _chat_blocking(
-        self, conversation: list[dict[str, Any]], media: list[MediaBytes], add_gen: bool
+        self,
+        conversation: list[dict[str, Any]],
+        media: list[MediaBytes],
+        add_gen: bool,
+        reserved_tokens: int,
     ) -> Prompt:
         try:
             if not media:
                 ids = self.tokenizer.apply_chat_template(
                     conversation, tokenize=True, add_generation_prompt=add_gen, return_dict=False
                 )
-                return Prompt(self._checked(np.asarray(ids), 0))
-            images = [decode_image(m, self._config.max_image_pixels) for m in media]
+                return Prompt(self._checked(np.asarray(ids), 0, "messages"))
+            config = self._config
+            images = [open_image(m, config.max_media_bytes, config.max_image_pixels) for m in media]
             text = self._processor.apply_chat_template(
                 conversation, tokenize=False, add_generation_prompt=add_gen
             )
+            self._check_fits(text, images, reserved_tokens)
+            images = [load_rgb(image) for image in images]
             out = self._processor(text=[text], images=images, return_tensors="pt")
         except ApiError:
             raise
@@ -144,6 +170,27 @@ class Renderer:
         return self._with_images(
             out["input_ids"][0].numpy(), out["pixel_values"], out["image_grid_thw"]
         )
+
+    def _check_fits(self, text: str, images: list[Any], reserved_tokens: int) -> None:
+        """context_length_exceeded for a chat whose text, images (counted from their
+        headers, before decoding) and reserved output cannot fit the model."""
+        count = getattr(self._processor.image_processor, "get_number_of_image_patches", None)
+        if count is None:  # a processor that cannot say: its output is checked instead
+            return
+        merge = int(getattr(self._processor.image_processor, "merge_size", 2))
+        # Each image stands in the text as one placeholder token before processing.
+        num_tokens = len(self.tokenizer.encode(text)) - len(images)
+        num_tokens += sum(count(im.height, im.width, {}) // (merge * merge) for im in images)
+        max_len = self._ready.max_model_len
+        if num_tokens + reserved_tokens > max_len:
+            raise ApiError(
+                400,
+                f"this model's maximum context length is {max_len} tokens; the chat's text "
+                f"and {len(images)} image(s) take {num_tokens} tokens, plus {reserved_tokens} "
+                "to generate, which does not fit",
+                param="messages",
+                code="context_length_exceeded",
+            )
 
     def _with_images(self, ids: np.ndarray, pixels: torch.Tensor, grids: torch.Tensor) -> Prompt:
         merge = int(getattr(self._processor.image_processor, "merge_size", 2))
@@ -171,22 +218,25 @@ class Renderer:
                     pixel_values=patch,
                 )
             )
-        return Prompt(self._checked(ids, sum(i.length for i in items)), items)
+        return Prompt(self._checked(ids, sum(i.length for i in items), "messages"), items)
 
-    def _checked(self, ids: np.ndarray, num_image_tokens: int) -> np.ndarray:
+    def _checked(self, ids: np.ndarray, num_image_tokens: int, param: str = "prompt") -> np.ndarray:
         """int32 ids; refuse ids outside the vocabulary and image placeholders without images
-        (text that spells the placeholder token would otherwise reach the vision path)."""
+        (text that spells the placeholder token would otherwise reach the vision path).
+        ``param`` names the request field the ids came from."""
         if ids.size == 0:
-            raise ApiError(400, "the prompt is empty", param="prompt")
+            raise ApiError(400, "the prompt is empty", param=param)
         if ids.min() < 0 or ids.max() >= self._ready.vocab_size:
-            raise self._outside_vocabulary()
+            raise self._outside_vocabulary(param)
         image_id = self._ready.image_token_id
         if image_id is not None and int((ids == image_id).sum()) != num_image_tokens:
-            raise ApiError(400, "the prompt contains image placeholder tokens without images")
+            raise ApiError(
+                400, "the prompt contains image placeholder tokens without images", param=param
+            )
         return ids.astype(np.int32)
 
-    def _outside_vocabulary(self) -> ApiError:
-        return ApiError(400, f"token ids must be in [0, {self._ready.vocab_size})", param="prompt")
+    def _outside_vocabulary(self, param: str) -> ApiError:
+        return ApiError(400, f"token ids must be in [0, {self._ready.vocab_size})", param=param)
 
 
 def _runs(ids: np.ndarray, token: int | None) -> list[tuple[int, int]]:

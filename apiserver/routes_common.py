@@ -5,21 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable
 from typing import Any, TypeVar
 
 import msgspec
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from apiserver.context import ServerContext
 from apiserver.errors import ApiError, from_validation
 from apiserver.protocol import ChatCompletionRequest, CompletionRequest
-from ipc.messages import SamplingParams
+from ipc.messages import Ready, SamplingParams
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 #: Bodies above this are JSON-decoded on a render thread: msgspec decodes ~1 GB/s, so a
 #: 64 KiB body costs the loop well under a millisecond and a 20 MB image body would not.
@@ -27,8 +29,12 @@ INLINE_DECODE_BYTES = 64 << 10
 
 
 async def parse(request: Request, ctx: ServerContext, type_: type[T]) -> T:
-    """The request body as ``type_``; 400 for invalid JSON or wrong field types."""
-    body = await request.body()
+    """The request body as ``type_``; 400 for invalid JSON or wrong field types, 499 when the
+    client leaves before its body is in."""
+    try:
+        body = await request.body()
+    except ClientDisconnect:
+        raise ApiError(499, "client disconnected") from None
     try:
         if len(body) <= INLINE_DECODE_BYTES:
             return msgspec.json.decode(body, type=type_)
@@ -48,8 +54,27 @@ def check_model(ctx: ServerContext, name: str | None) -> None:
         )
 
 
-def reject_unsupported(req: ChatCompletionRequest | CompletionRequest) -> None:
-    """400 for parameters whose silent omission would change the answer."""
+def reject_unsupported(req: ChatCompletionRequest | CompletionRequest, ready: Ready) -> None:
+    """400 for parameters whose silent omission would change the answer, and for the ones the
+    engine would refuse (checked here so that a streamed request gets its 400 before the
+    response starts; the engine checks them again as a backstop)."""
+    if req.stream_options is not None and not req.stream:
+        raise ApiError(
+            400, "stream_options is only allowed with stream=true", param="stream_options"
+        )
+    if req.priority != 0 and ready.scheduling_policy != "priority":
+        raise ApiError(
+            400,
+            f"priority {req.priority} needs a server started with --scheduling-policy priority",
+            param="priority",
+        )
+    bad_stop = [t for t in req.stop_token_ids or [] if not 0 <= t < ready.vocab_size]
+    if bad_stop:
+        raise ApiError(
+            400,
+            f"stop token ids {bad_stop[:8]} are outside the vocabulary [0, {ready.vocab_size})",
+            param="stop_token_ids",
+        )
     if req.n != 1:
         raise ApiError(400, "only n=1 is supported", param="n")
     if req.logit_bias:
@@ -81,16 +106,16 @@ def sampling_params(
     max_model_len: int,
     logprobs: int | None,
 ) -> SamplingParams:
-    """Engine sampling parameters; 400 when prompt plus output cannot fit the model."""
+    """Engine sampling parameters; 400 when prompt plus output cannot fit the model, or when
+    min_tokens exceeds the tokens the request may generate."""
     room = max_model_len - prompt_len
+    field = _max_tokens_field(req)
     if room <= 0 or (max_tokens is not None and max_tokens > room):
-        asked = "" if max_tokens is None else f" plus max_tokens {max_tokens}"
+        raise context_exceeded(req, max_model_len, prompt_len, max_tokens)
+    if req.min_tokens > (max_tokens or room):
+        limit = f"{field} ({max_tokens})" if max_tokens else f"the context left ({room} tokens)"
         raise ApiError(
-            400,
-            f"this model's maximum context length is {max_model_len} tokens; the prompt has "
-            f"{prompt_len} tokens{asked}, which does not fit",
-            param="max_tokens" if room > 0 else _prompt_field(req),
-            code="context_length_exceeded",
+            400, f"min_tokens ({req.min_tokens}) is larger than {limit}", param="min_tokens"
         )
     return SamplingParams(
         max_tokens=max_tokens or room,
@@ -109,8 +134,32 @@ def sampling_params(
     )
 
 
+def context_exceeded(
+    req: ChatCompletionRequest | CompletionRequest,
+    max_model_len: int,
+    prompt_len: int,
+    max_tokens: int | None,
+) -> ApiError:
+    """The 400 for a prompt (plus max_tokens) that does not fit the model's context."""
+    field = _max_tokens_field(req)
+    asked = "" if max_tokens is None else f" plus {field} {max_tokens}"
+    return ApiError(
+        400,
+        f"this model's maximum context length is {max_model_len} tokens; the prompt has "
+        f"{prompt_len} tokens{asked}, which does not fit",
+        param=field if prompt_len < max_model_len else _prompt_field(req),
+        code="context_length_exceeded",
+    )
+
+
 def _prompt_field(req: ChatCompletionRequest | CompletionRequest) -> str:
     return "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
+
+
+def _max_tokens_field(req: ChatCompletionRequest | CompletionRequest) -> str:
+    if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
+        return "max_completion_tokens"
+    return "max_tokens"
 
 
 def stop_strings(stop: str | list[str] | None) -> list[str]:
@@ -134,14 +183,19 @@ def json_response(obj: Any, status: int = 200) -> Response:
 _ENCODER = msgspec.json.Encoder()
 
 
-async def sse(events: AsyncIterator[Any]) -> AsyncIterator[bytes]:
+async def sse(events: AsyncGenerator[Any, None]) -> AsyncGenerator[bytes, None]:
     """Frame structs as server-sent events, end with ``[DONE]``; an ApiError mid-stream
     becomes an error event and closes the stream (the openai client raises it)."""
     try:
-        async for event in events:
-            yield b"data: " + _ENCODER.encode(event) + b"\n\n"
+        async with contextlib.aclosing(events):
+            async for event in events:
+                yield b"data: " + _ENCODER.encode(event) + b"\n\n"
     except ApiError as err:
         yield b"data: " + _ENCODER.encode(err.body()) + b"\n\n"
+        return
+    except Exception:  # the status line is gone already: the error event is all we can say
+        log.exception("unhandled error in an event stream")
+        yield b"data: " + _ENCODER.encode(ApiError(500, "internal server error").body()) + b"\n\n"
         return
     yield b"data: [DONE]\n\n"
 
@@ -172,7 +226,9 @@ class EventStream(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, chunks: AsyncIterator[bytes], headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, chunks: AsyncGenerator[bytes, None], headers: dict[str, str] | None = None
+    ) -> None:
         # Not Response.__init__: it would announce a Content-Length for an empty body.
         self.status_code = 200
         self.background = None
@@ -194,8 +250,9 @@ class EventStream(Response):
 
     async def _pump(self, send: Any) -> None:
         try:
-            async for chunk in self._chunks:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            async with contextlib.aclosing(self._chunks):
+                async for chunk in self._chunks:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:  # the server reports the client gone
             pass

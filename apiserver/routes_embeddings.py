@@ -15,6 +15,7 @@ from apiserver.context import ServerContext
 from apiserver.errors import ApiError, engine_unavailable
 from apiserver.protocol import EmbeddingData, EmbeddingList, EmbeddingRequest, Usage
 from apiserver.renderer import Prompt
+from apiserver.request_stream import Deadline
 from apiserver.routes_common import (
     check_model,
     json_response,
@@ -23,6 +24,10 @@ from apiserver.routes_common import (
     unless_disconnected,
 )
 from ipc.messages import EngineRequest, PoolingParams
+
+#: Embedding inputs rendered per pool job: a long input list takes one render slot per batch,
+#: batch after batch, instead of one per input at once (which filled the queue: 429).
+RENDER_BATCH = 64
 
 
 class EmbeddingRoutes:
@@ -35,29 +40,35 @@ class EmbeddingRoutes:
         return [Route("/v1/embeddings", self.embeddings, methods=["POST"])]
 
     async def embeddings(self, request: Request) -> Response:
-        """OpenAI embeddings: a string, strings, token ids or lists of token ids."""
+        """OpenAI embeddings: a string, strings, token ids or lists of token ids. Inputs are
+        rendered in batches and sent to the engine a window at a time (the engine's running
+        capacity), so that one request of 2,048 inputs neither fills the render queue nor the
+        engine's queue for every other client."""
         ctx = self._ctx
+        deadline = Deadline.after(ctx.config.request_timeout)
         req = await parse(request, ctx, EmbeddingRequest)
         check_model(ctx, req.model)
         if not ctx.ready.supports_embeddings:
             raise ApiError(400, "this model does not serve embeddings", param="model")
         if not ctx.client.is_alive:
             raise engine_unavailable(ctx.client.dead_reason or "not connected")
-        prompts = await asyncio.gather(*(self._prompt(x) for x in _inputs(req.input)))
-        for p in prompts:
-            if len(p.token_ids) > ctx.ready.max_model_len:
-                raise ApiError(
-                    400,
-                    f"input has {len(p.token_ids)} tokens, more than this model's maximum "
-                    f"context length of {ctx.ready.max_model_len}",
-                    param="input",
-                    code="context_length_exceeded",
-                )
+        items = _inputs(req.input)
+        if len(items) > ctx.config.max_embedding_inputs:
+            raise ApiError(
+                400,
+                f"{len(items)} inputs in one request; the limit is "
+                f"{ctx.config.max_embedding_inputs}",
+                param="input",
+            )
+        given = 0
+        for item in items:  # token lists: checked before any work
+            if not isinstance(item, str):
+                self._check_length(len(item))
+                given += len(item)
+        self._check_total(given)
+        prompts = await self._render(items)
         base_id = new_id("embd")
-        vectors = await unless_disconnected(
-            request,
-            asyncio.gather(*(self._embed(f"{base_id}-{i}", p) for i, p in enumerate(prompts))),
-        )
+        vectors = await unless_disconnected(request, self._embed_all(prompts, base_id, deadline))
         if req.dimensions is not None and req.dimensions != len(vectors[0]):
             raise ApiError(
                 400,
@@ -72,39 +83,71 @@ class EmbeddingRoutes:
         usage = Usage(prompt_tokens=n, total_tokens=n)
         return json_response(EmbeddingList(data=data, model=ctx.model_name, usage=usage))
 
-    async def _prompt(self, item: str | list[int]) -> Prompt:
-        if isinstance(item, str):
-            return await self._ctx.renderer.render_text(item)
-        return self._ctx.renderer.token_prompt(item)
+    async def _render(self, items: list[str | list[int]]) -> list[Prompt]:
+        renderer = self._ctx.renderer
+        prompts: list[Prompt] = []
+        total = 0
+        for start in range(0, len(items), RENDER_BATCH):
+            batch = items[start : start + RENDER_BATCH]
+            rendered = await renderer.run(renderer.prompts_blocking, batch, "input")
+            for p in rendered:
+                self._check_length(len(p.token_ids))
+                total += len(p.token_ids)
+            self._check_total(total)  # before rendering any more of a request that is over
+            prompts.extend(rendered)
+        return prompts
 
-    async def _embed(self, request_id: str, prompt: Prompt) -> np.ndarray:
-        client = self._ctx.client
+    def _check_length(self, n: int) -> None:
+        max_len = self._ctx.ready.max_model_len
+        if n > max_len:
+            raise ApiError(
+                400,
+                f"input has {n} tokens, more than this model's maximum context length of {max_len}",
+                param="input",
+                code="context_length_exceeded",
+            )
+
+    def _check_total(self, n: int) -> None:
+        limit = self._ctx.config.max_embedding_tokens
+        if n > limit:
+            raise ApiError(
+                400,
+                f"the inputs have {n} tokens or more in all; the limit is {limit} per request",
+                param="input",
+            )
+
+    async def _embed_all(
+        self, prompts: list[Prompt], base_id: str, deadline: Deadline
+    ) -> list[np.ndarray]:
+        """Every prompt's embedding, with at most the engine's ``max_num_seqs`` of them in the
+        engine at a time; the first failure cancels the rest (their streams abort them)."""
+        window = asyncio.Semaphore(max(1, self._ctx.ready.max_num_seqs))
+
+        async def one(i: int, prompt: Prompt) -> np.ndarray:
+            async with window:
+                return await self._embed(f"{base_id}-{i}", prompt, deadline)
+
+        tasks = [asyncio.ensure_future(one(i, p)) for i, p in enumerate(prompts)]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _embed(self, request_id: str, prompt: Prompt, deadline: Deadline) -> np.ndarray:
         request = EngineRequest(
             request_id=request_id,
             prompt_token_ids=prompt.token_ids,
             pooling=PoolingParams(),
             arrival_time=time.time(),
+            deadline=deadline.wall_clock,
         )
-        queue = await client.add(request)
-        done = False
-        try:
-            while True:
-                out = await queue.get()
-                if isinstance(out, ApiError):
-                    done = True
-                    raise out
-                if out.error is not None:
-                    done = True
-                    raise ApiError(out.error.status, out.error.message)
+        async with self._ctx.client.stream(request, deadline) as outputs:
+            async for out in outputs:
                 if out.embedding is not None:
-                    done = out.finish_reason is not None
                     return np.asarray(out.embedding, dtype=np.float32)
-                if out.finish_reason is not None:
-                    done = True
-                    raise ApiError(503, "the engine finished without an embedding")
-        finally:
-            if not done:
-                client.abort([request_id])
+        raise ApiError(503, "the engine finished without an embedding")
 
 
 def _inputs(value: str | list[str | int | list[int]]) -> list[str | list[int]]:

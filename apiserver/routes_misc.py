@@ -13,6 +13,7 @@ from apiserver import metrics
 from apiserver.context import ServerContext
 from apiserver.errors import ApiError
 from apiserver.protocol import DetokenizeRequest, ModelCard, ModelList, TokenizeRequest
+from apiserver.renderer import Renderer
 from apiserver.routes_common import check_model, json_response, now, parse
 
 
@@ -66,8 +67,14 @@ class MiscRoutes:
         ctx = self._ctx
         req = await parse(request, ctx, DetokenizeRequest)
         check_model(ctx, req.model)
-        ctx.renderer.token_prompt(req.tokens or [0])  # vocabulary check
-        text = await ctx.renderer.run(ctx.renderer.tokenizer.decode, req.tokens)
+        if len(req.tokens) > ctx.ready.max_model_len:
+            raise ApiError(
+                400,
+                f"{len(req.tokens)} tokens; at most the model's context length "
+                f"({ctx.ready.max_model_len}) can be detokenized",
+                param="tokens",
+            )
+        text = await ctx.renderer.run(_detokenize, ctx.renderer, req.tokens)
         return json_response({"prompt": text})
 
     async def health(self, request: Request) -> Response:
@@ -89,3 +96,8 @@ class MiscRoutes:
 
     async def version(self, request: Request) -> Response:
         return json_response({"version": metadata.version("fanin")})
+
+
+def _detokenize(renderer: Renderer, tokens: list[int]) -> str:
+    renderer.token_prompt(tokens or [0], "tokens")  # vocabulary check
+    return str(renderer.tokenizer.decode(tokens))

@@ -5,7 +5,8 @@ gets a proper HTTP status; only engine failures mid-stream become SSE error even
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from typing import Any
 
 from starlette.requests import Request
@@ -33,10 +34,12 @@ from apiserver.protocol import (
     TopLogprob,
     Usage,
 )
-from apiserver.renderer import Prompt
+from apiserver.renderer import Prompt, Renderer
+from apiserver.request_stream import Deadline
 from apiserver.routes_common import (
     EventStream,
     check_model,
+    context_exceeded,
     json_response,
     new_id,
     now,
@@ -65,16 +68,19 @@ class GenerationRoutes:
     async def chat(self, request: Request) -> Response:
         """OpenAI chat completions (text and image parts)."""
         ctx = self._ctx
+        deadline = Deadline.after(ctx.config.request_timeout)
         req = await parse(request, ctx, ChatCompletionRequest)
         check_model(ctx, req.model)
-        reject_unsupported(req)
-        prompt = await ctx.renderer.render_chat(req.messages, ctx.fetcher)
-        top = (req.top_logprobs or 0) if req.logprobs else None
-        engine_req = self._engine_request(
-            req, prompt, req.max_completion_tokens or req.max_tokens, top
+        reject_unsupported(req, ctx.ready)
+        self._check_engine()
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        prompt = await ctx.renderer.render_chat(
+            req.messages, ctx.fetcher, reserved_tokens=max_tokens or 1
         )
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        engine_req = self._engine_request(req, prompt, max_tokens, top, deadline)
         rid, model, created = engine_req.request_id, ctx.model_name, now()
-        steps, tally = self._start(req, engine_req)
+        steps, tally = self._start(req, engine_req, deadline)
         if req.stream:
             usage = req.stream_options is not None and req.stream_options.include_usage
             chunks = self._chat_chunks(steps, rid, created, tally, usage, top is not None)
@@ -82,10 +88,11 @@ class GenerationRoutes:
 
         async def collect() -> ChatCompletion:
             text, logprobs, reason = [], [], None
-            async for step in steps:
-                text.append(step.text)
-                logprobs.extend(self._chat_logprobs(step))
-                reason = step.finish_reason
+            async with aclosing(steps):
+                async for step in steps:
+                    text.append(step.text)
+                    logprobs.extend(self._chat_logprobs(step))
+                    reason = step.finish_reason
             return ChatCompletion(
                 id=rid,
                 created=created,
@@ -106,13 +113,15 @@ class GenerationRoutes:
     async def completions(self, request: Request) -> Response:
         """OpenAI (legacy) text completions: one prompt, text or token ids."""
         ctx = self._ctx
+        deadline = Deadline.after(ctx.config.request_timeout)
         req = await parse(request, ctx, CompletionRequest)
         check_model(ctx, req.model)
-        reject_unsupported(req)
+        reject_unsupported(req, ctx.ready)
+        self._check_engine()
         prompt = await self._completion_prompt(req)
-        engine_req = self._engine_request(req, prompt, req.max_tokens, req.logprobs)
+        engine_req = self._engine_request(req, prompt, req.max_tokens, req.logprobs, deadline)
         rid, created = engine_req.request_id, now()
-        steps, tally = self._start(req, engine_req)
+        steps, tally = self._start(req, engine_req, deadline)
         if req.stream:
             usage = req.stream_options is not None and req.stream_options.include_usage
             chunks = self._completion_chunks(steps, rid, created, tally, usage, req.logprobs)
@@ -121,10 +130,11 @@ class GenerationRoutes:
         async def collect() -> Completion:
             text, reason = [], None
             logprobs = CompletionLogprobs() if req.logprobs is not None else None
-            async for step in steps:
-                text.append(step.text)
-                self._add_completion_logprobs(logprobs, step)
-                reason = step.finish_reason
+            async with aclosing(steps):
+                async for step in steps:
+                    text.append(step.text)
+                    self._add_completion_logprobs(logprobs, step)
+                    reason = step.finish_reason
             choice = CompletionChoice(
                 index=0, text="".join(text), finish_reason=reason, logprobs=logprobs
             )
@@ -139,8 +149,11 @@ class GenerationRoutes:
         return json_response(await unless_disconnected(request, collect()))
 
     def _start(
-        self, req: ChatCompletionRequest | CompletionRequest, engine_req: EngineRequest
-    ) -> tuple[AsyncIterator[Step], Tally]:
+        self,
+        req: ChatCompletionRequest | CompletionRequest,
+        engine_req: EngineRequest,
+        deadline: Deadline,
+    ) -> tuple[AsyncGenerator[Step, None], Tally]:
         """The request's steps (nothing is sent before the first is awaited) and its tally."""
         ctx = self._ctx
         tally = Tally(prompt_tokens=len(engine_req.prompt_token_ids))
@@ -149,7 +162,7 @@ class GenerationRoutes:
             ctx.renderer.tokenizer,
             engine_req,
             stop_strings(req.stop),
-            ctx.config.request_timeout,
+            deadline,
             tally,
         )
         return steps, tally
@@ -158,11 +171,13 @@ class GenerationRoutes:
         p: str | list[Any] = req.prompt
         if isinstance(p, list) and len(p) == 1 and not isinstance(p[0], int):
             p = p[0]  # a list of one string or of one token list
+        renderer = self._ctx.renderer
         if isinstance(p, str):
-            return await self._ctx.renderer.render_text(p)
-        if p and all(isinstance(t, int) for t in p):
-            return self._ctx.renderer.token_prompt(p)
-        raise ApiError(400, "prompt must be one string or one list of token ids", param="prompt")
+            return await renderer.render_text(p)
+        max_len = self._ctx.ready.max_model_len
+        if len(p) > max_len:  # before any work on a list of any length
+            raise context_exceeded(req, max_len, len(p), req.max_tokens)
+        return await renderer.run(_token_list_prompt, renderer, p)
 
     def _engine_request(
         self,
@@ -170,10 +185,10 @@ class GenerationRoutes:
         prompt: Prompt,
         max_tokens: int | None,
         logprobs: int | None,
+        deadline: Deadline,
     ) -> EngineRequest:
         ready = self._ctx.ready
-        if not self._ctx.client.is_alive:
-            raise engine_unavailable(self._ctx.client.dead_reason or "not connected")
+        self._check_engine()  # again: it may have gone while the prompt rendered
         sampling = sampling_params(
             req, max_tokens, len(prompt.token_ids), ready.max_model_len, logprobs
         )
@@ -185,18 +200,24 @@ class GenerationRoutes:
             sampling=sampling,
             arrival_time=time.time(),
             priority=req.priority,
-            deadline=time.time() + self._ctx.config.request_timeout,
+            deadline=deadline.wall_clock,
         )
+
+    def _check_engine(self) -> None:
+        """503 at once while the engine is unavailable (before any rendering work)."""
+        client = self._ctx.client
+        if not client.is_alive:
+            raise engine_unavailable(client.dead_reason or "not connected")
 
     async def _chat_chunks(
         self,
-        steps: AsyncIterator[Step],
+        steps: AsyncGenerator[Step, None],
         rid: str,
         created: int,
         tally: Tally,
         include_usage: bool,
         want_logprobs: bool,
-    ) -> AsyncIterator[ChatCompletionChunk]:
+    ) -> AsyncGenerator[ChatCompletionChunk, None]:
         model = self._ctx.model_name
 
         def chunk(delta: Delta, reason: str | None = None, lp: Any = None) -> ChatCompletionChunk:
@@ -208,11 +229,12 @@ class GenerationRoutes:
             )
 
         yield chunk(Delta(role="assistant", content=""))
-        async for step in steps:
-            if not step.text and step.finish_reason is None and not want_logprobs:
-                continue  # held-back text (partial character or stop prefix): nothing to say
-            lp = ChatLogprobs(content=self._chat_logprobs(step)) if want_logprobs else None
-            yield chunk(Delta(content=step.text), step.finish_reason, lp)
+        async with aclosing(steps):
+            async for step in steps:
+                if not step.text and step.finish_reason is None and not want_logprobs:
+                    continue  # held-back text (partial character or stop prefix): nothing new
+                lp = ChatLogprobs(content=self._chat_logprobs(step)) if want_logprobs else None
+                yield chunk(Delta(content=step.text), step.finish_reason, lp)
         if include_usage:
             yield ChatCompletionChunk(
                 id=rid, created=created, model=model, choices=[], usage=_usage(tally)
@@ -220,23 +242,24 @@ class GenerationRoutes:
 
     async def _completion_chunks(
         self,
-        steps: AsyncIterator[Step],
+        steps: AsyncGenerator[Step, None],
         rid: str,
         created: int,
         tally: Tally,
         include_usage: bool,
         logprobs: int | None,
-    ) -> AsyncIterator[Completion]:
+    ) -> AsyncGenerator[Completion, None]:
         model = self._ctx.model_name
-        async for step in steps:
-            if not step.text and step.finish_reason is None and logprobs is None:
-                continue
-            lp = CompletionLogprobs() if logprobs is not None else None
-            self._add_completion_logprobs(lp, step)
-            choice = CompletionChoice(
-                index=0, text=step.text, finish_reason=step.finish_reason, logprobs=lp
-            )
-            yield Completion(id=rid, created=created, model=model, choices=[choice])
+        async with aclosing(steps):
+            async for step in steps:
+                if not step.text and step.finish_reason is None and logprobs is None:
+                    continue
+                lp = CompletionLogprobs() if logprobs is not None else None
+                self._add_completion_logprobs(lp, step)
+                choice = CompletionChoice(
+                    index=0, text=step.text, finish_reason=step.finish_reason, logprobs=lp
+                )
+                yield Completion(id=rid, created=created, model=model, choices=[choice])
         if include_usage:
             yield Completion(id=rid, created=created, model=model, choices=[], usage=_usage(tally))
 
@@ -266,6 +289,13 @@ class GenerationRoutes:
             acc.top_logprobs.append(
                 {self._token_text(i): v for i, v in zip(lp.top_ids, lp.top_logprobs, strict=False)}
             )
+
+
+def _token_list_prompt(renderer: Renderer, p: list[Any]) -> Prompt:
+    """A completion prompt given as token ids (blocking: O(length) Python work)."""
+    if p and all(isinstance(t, int) for t in p):
+        return renderer.token_prompt(p)
+    raise ApiError(400, "prompt must be one string or one list of token ids", param="prompt")
 
 
 def _paired(step: Step) -> list[tuple[int, TokenLogprobs]]:

@@ -5,9 +5,11 @@
 
 Reads the ServerConfig JSON, connects to the engine (HELLO/READY), loads the model's tokenizer
 and processor, then serves the inherited listening socket with uvicorn (uvloop + httptools)
-and writes one byte to ``--ready-fd`` once it accepts. SIGTERM: uvicorn stops accepting and
-lets in-flight requests finish for ``shutdown_timeout`` seconds; the lifespan shutdown then
-aborts whatever is left in the engine; exit status 0.
+and writes one byte to ``--ready-fd`` once it accepts. SIGTERM (or SIGHUP, SIGINT): uvicorn
+stops accepting and lets in-flight requests finish for ``shutdown_timeout`` seconds; the
+lifespan shutdown then aborts whatever is left in the engine; exit status 0. Exit status 1:
+the engine client cannot go on (the engine was replaced, or its socket failed); 3: the event
+loop was stuck (``apiserver.watchdog``). The launcher respawns the server either way.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -32,7 +35,9 @@ from ipc.lifecycle import die_with_parent, name_process
 
 log = logging.getLogger("apiserver")
 
-_HANDLED = (signal.SIGINT, signal.SIGTERM)
+_HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+#: File descriptors besides client connections: ZeroMQ, pipes, model and media files.
+FD_HEADROOM = 256
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -65,9 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         level=config.log_level.upper(),
         format=f"%(asctime)s %(levelname)s api-server-{args.index} %(name)s: %(message)s",
     )
+    _raise_fd_limit(config.max_connections + FD_HEADROOM)
     sock = socket.socket(fileno=args.listen_fd)
     try:
-        uvloop.run(_serve(config, args.index, sock, args.ready_fd))
+        return uvloop.run(_serve(config, args.index, sock, args.ready_fd))
     except (TimeoutError, ConnectionError, OSError) as exc:
         # No engine, an incompatible one, or no tokenizer at READY's model path.
         log.error("cannot start: %s", exc)
@@ -76,21 +82,49 @@ def main(argv: list[str] | None = None) -> int:
         from apiserver import metrics
 
         metrics.mark_dead(os.getpid())
-    return 0
+
+
+def _raise_fd_limit(wanted: int) -> None:
+    """Past the fd limit, accept() fails and connections are reset instead of shed with a
+    503 (``http_guard``): raise the soft limit toward the hard one, as vLLM does."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= wanted:
+        return
+    new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    if new < wanted:
+        log.warning(
+            "open-file limit %d is below --max-connections plus %d; raise it (LimitNOFILE=)",
+            new,
+            FD_HEADROOM,
+        )
 
 
 async def _serve(
     config: ServerConfig, index: int, sock: socket.socket, ready_fd: int | None
-) -> None:
+) -> int:
+    """Serve until SIGTERM (0) or until the engine client cannot go on (1)."""
     # Imported here: they import prometheus_client, which must see PROMETHEUS_MULTIPROC_DIR.
     from apiserver.admission import Admission
     from apiserver.app import build_app
     from apiserver.context import ServerContext
     from apiserver.engine_client import EngineClient
+    from apiserver.http_guard import HttpLimits, guarded_protocol
     from apiserver.media import MediaFetcher
     from apiserver.renderer import Renderer
 
-    client = EngineClient(config.engine_address, index)
+    fatal: list[str] = []
+    server: _ReadyServer | None = None
+
+    def on_fatal(reason: str) -> None:
+        log.error("cannot go on: %s; exiting (the launcher starts a new server)", reason)
+        fatal.append(reason)
+        if server is not None:
+            server.should_exit = True
+
+    client = EngineClient(
+        config.engine_address, index, config.engine_heartbeat_timeout, on_fatal=on_fatal
+    )
     try:
         ready = await client.start(config.engine_ready_timeout)
         renderer = await asyncio.to_thread(Renderer.load, ready.model, ready, config)
@@ -110,7 +144,9 @@ async def _serve(
     uv_config = uvicorn.Config(
         build_app(ctx),
         loop="none",
-        http="httptools",
+        http=guarded_protocol(HttpLimits.from_config(config)),
+        ws="none",
+        timeout_keep_alive=config.keep_alive_timeout,  # type: ignore[arg-type]  # a float works
         lifespan="on",
         access_log=False,
         log_config=None,
@@ -118,7 +154,10 @@ async def _serve(
         # uvicorn annotates int, but hands it to asyncio.wait_for: fractions of seconds work.
         timeout_graceful_shutdown=config.shutdown_timeout,  # type: ignore[arg-type]
     )
-    await _ReadyServer(uv_config, ready_fd).serve(sockets=[sock])
+    server = _ReadyServer(uv_config, ready_fd)
+    server.should_exit = bool(fatal)
+    await server.serve(sockets=[sock])
+    return 1 if fatal else 0
 
 
 class _ReadyServer(uvicorn.Server):

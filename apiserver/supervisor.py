@@ -17,7 +17,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import FrameType
 
-WATCHED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: SIGHUP drains like SIGTERM: a closed terminal or a stray ``kill -HUP`` must not end the
+#: launcher without a drain (nothing in fanin reloads in place).
+WATCHED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 FIRST_RESPAWN_DELAY_S = 0.25
 MAX_RESPAWN_DELAY_S = 10.0
 
@@ -109,8 +111,8 @@ def spawn(
 class Events:
     """One selector for pidfds, ready pipes and signals (through ``signal.set_wakeup_fd``).
 
-    Use as a context manager: it installs SIGTERM/SIGINT handlers on entry and restores the
-    previous ones on exit.
+    Use as a context manager: it installs handlers for ``WATCHED_SIGNALS`` on entry and
+    restores the previous ones on exit.
     """
 
     def __init__(self) -> None:

@@ -63,6 +63,7 @@ def ready_message(config: EngineConfig, facts: RunnerFacts, device: torch.device
         engine_pid=os.getpid(),
         pixel_dtype=dtype,
         image_token_id=facts.image_token_id,
+        scheduling_policy=config.scheduling_policy,
     )
 
 

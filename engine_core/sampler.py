@@ -64,20 +64,21 @@ class Sampler:
     def _ban_until_min_tokens(
         self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tuple[int, ...]
     ) -> None:
-        rows: list[int] = []
-        cols: list[int] = []
+        rows: list[np.ndarray] = []
+        cols: list[np.ndarray] = []
+        eos = np.asarray(eos_token_ids, dtype=np.int64)
         for i, seq in enumerate(seqs):
             params = seq.sampling
             assert params is not None
             if seq.num_output_tokens >= params.min_tokens:
                 continue
-            banned = set(params.stop_token_ids)
-            if not params.ignore_eos:
-                banned.update(eos_token_ids)
-            rows.extend([i] * len(banned))
-            cols.extend(banned)
+            # An id in both lists is set to -inf twice: no need to merge them.
+            banned = seq.stop_id_array if params.ignore_eos else np.append(seq.stop_id_array, eos)
+            rows.append(np.full(len(banned), i, dtype=np.int64))
+            cols.append(banned)
         if rows:
-            logits[self._index(rows), self._index(cols)] = float("-inf")
+            index = (self._index(np.concatenate(rows)), self._index(np.concatenate(cols)))
+            logits[index] = float("-inf")
 
     def apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         """Repetition, presence and frequency penalties, in place on ``logits`` (rows, vocab)."""

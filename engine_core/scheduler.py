@@ -73,6 +73,7 @@ class Scheduler:
         self.max_num_seqs = min(config.max_num_seqs, facts.num_slots)
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.enable_chunked_prefill = config.enable_chunked_prefill
+        self.allow_priority = config.scheduling_policy == "priority"
         self._gate = gate
         self._emit = emit
         self._clock = clock
@@ -85,7 +86,7 @@ class Scheduler:
 
     def add(self, request: EngineRequest, client: bytes) -> bool:
         """Admit a request, or answer it at once with a 400 error output. True if admitted."""
-        message = validate_request(request, self.facts)
+        message = validate_request(request, self.facts, self.allow_priority)
         if message is None and request.request_id in self._live:
             message = f"request id {request.request_id!r} is already running"
         if message is None:
@@ -268,7 +269,7 @@ class Scheduler:
         # The sampler masks stop and EOS ids until min_tokens, so a hit here is always final.
         params = seq.sampling
         assert params is not None
-        if token in params.stop_token_ids:
+        if token in seq.stop_ids:
             return "stop"
         if not params.ignore_eos and token in self.facts.eos_token_ids:
             return "stop"

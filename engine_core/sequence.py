@@ -37,6 +37,8 @@ class Sequence:
         "num_computed",
         "num_preemptions",
         "generator",
+        "stop_ids",
+        "stop_id_array",
         "_buffer",
     )
 
@@ -59,6 +61,11 @@ class Sequence:
         #: Generator of a seeded request, made by the sampler on its device at the first draw
         #: and kept (also across preemption), so the draws do not depend on the batch.
         self.generator: torch.Generator | None = None
+        # A client may send many stop token ids: the set (the scheduler's finish check) and
+        # the index array (the sampler's min_tokens ban) are built once here, not every step.
+        stop = request.sampling.stop_token_ids if request.sampling is not None else []
+        self.stop_ids = frozenset(stop)
+        self.stop_id_array = np.fromiter(self.stop_ids, dtype=np.int64, count=len(self.stop_ids))
 
     @property
     def request_id(self) -> str:

@@ -16,10 +16,15 @@ from ipc.messages import EngineRequest
 MAX_LOGPROBS = 20
 
 
-def validate_request(request: EngineRequest, facts: RunnerFacts) -> str | None:
-    """None if the engine can take ``request``, else the 400 message."""
+def validate_request(
+    request: EngineRequest, facts: RunnerFacts, allow_priority: bool = False
+) -> str | None:
+    """None if the engine can take ``request``, else the 400 message. API servers make the
+    same checks before a response starts; these are the backstop."""
     if (request.sampling is None) == (request.pooling is None):
         return "exactly one of sampling and pooling parameters must be set"
+    if request.priority != 0 and not allow_priority:
+        return f"priority {request.priority} needs --scheduling-policy priority"
     if request.sampling is not None and not facts.supports_generation:
         return f"model {facts.model_name!r} does not support generation"
     if request.pooling is not None and not facts.supports_embeddings:

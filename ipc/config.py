@@ -55,3 +55,10 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     enforce_eager: Annotated[
         bool, Meta(description="run every step eagerly: no CUDA graphs for decode steps")
     ] = False
+    scheduling_policy: Annotated[
+        Literal["fcfs", "priority"],
+        Meta(
+            description="fcfs: arrival order, requests with a nonzero priority are refused; "
+            "priority: lower priority values first, preempting running requests (vLLM's rule)"
+        ),
+    ] = "fcfs"

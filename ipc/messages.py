@@ -153,6 +153,8 @@ class Ready(_Msg):
     #: (the smallest form that gives the engine exactly what it would compute with anyway).
     pixel_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     image_token_id: int | None = None
+    #: ``EngineConfig.scheduling_policy``: API servers refuse a nonzero priority under fcfs.
+    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
 
 
 class EngineLoad(_Msg, frozen=True):  # type: ignore[misc]

@@ -26,3 +26,12 @@ def test_each_limit_gives_429_with_retry_after() -> None:
     state["full"] = False
     adm.enter()
     assert adm.inflight == 2
+
+
+def test_check_refuses_without_counting() -> None:
+    adm = Admission(1, 3, lambda: 0, lambda: False)
+    adm.check()
+    assert adm.inflight == 0
+    adm.enter()
+    with pytest.raises(ApiError, match="in flight"):
+        adm.check()

@@ -6,6 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from apiserver.detokenizer import IncrementalDetokenizer
 
@@ -51,3 +53,39 @@ def test_possible_stop_prefix_is_held_back(tokenizer: Any) -> None:
         shown += detok.push([token])
     assert shown == "the quick "  # "fox" could still become "fox!"
     assert detok.flush() == "fox"
+
+
+class _CharTokenizer:
+    """One token per character (ids are code points): text pieces are fully controlled."""
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(map(chr, ids))
+
+
+def _held_back_reference(text: str, stops: list[str]) -> int:
+    return max((k for s in stops if s for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+
+@given(
+    text=st.text(alphabet="ab", max_size=60),
+    stops=st.lists(st.text(alphabet="ab", min_size=1, max_size=8), min_size=1, max_size=4),
+    cut=st.integers(1, 5),
+)
+def test_held_back_text_matches_brute_force(text: str, stops: list[str], cut: int) -> None:
+    """What is shown while streaming equals the text minus its longest stop-prefix suffix,
+    however the text arrives (the incremental search may skip nothing)."""
+    detok = IncrementalDetokenizer(_CharTokenizer(), stops)
+    shown = ""
+    for start in range(0, len(text), cut):
+        shown += detok.push([ord(c) for c in text[start : start + cut]])
+        if detok.stopped:
+            break
+        assert shown == detok.text[: len(detok.text) - _held_back_reference(detok.text, stops)]
+    expected = text  # cut at the first stop found once a piece arrives, as a stream must
+    for end in [*range(cut, len(text), cut), len(text)]:
+        hits = [i for i in (text[:end].find(s) for s in stops) if i >= 0]
+        if hits:
+            expected = text[: min(hits)]
+            break
+    assert detok.stopped == (expected != text or any(s in text for s in stops))
+    assert shown + detok.flush() == expected

@@ -5,6 +5,9 @@ resolution is replaced so that public-looking names resolve where the test says.
 from __future__ import annotations
 
 import asyncio
+import base64
+import gzip
+import os
 import socket
 from typing import Any
 
@@ -13,7 +16,7 @@ import pytest
 
 from apiserver.config import ServerConfig
 from apiserver.errors import ApiError
-from apiserver.media import MAX_REDIRECTS, MediaBytes, MediaFetcher, decode_image
+from apiserver.media import MAX_REDIRECTS, MediaBytes, MediaFetcher, decode_base64, open_image
 
 ADDRESSES = {
     "public.example": "93.184.216.34",
@@ -136,7 +139,59 @@ def test_data_url_rules() -> None:
     config = ServerConfig(max_media_bytes=4096)
     with pytest.raises(ApiError, match="data URL"):
         fetch(config, redirecting({}), "data:text/plain;base64,aGVsbG8=")
-    with pytest.raises(ApiError, match="larger than"):
-        fetch(config, redirecting({}), "data:image/png;base64," + "A" * 8000)
+    with pytest.raises(ApiError, match="larger than"):  # too long whatever its line breaks
+        fetch(config, redirecting({}), "data:image/png;base64," + "A" * 12000)
+    media = fetch(config, redirecting({}), "data:image/png;base64," + "A" * 8000)
+    with pytest.raises(ApiError, match="larger than 4096"):  # exact once decoded
+        decode_base64(media.payload, 4096)
     with pytest.raises(ApiError, match="base64"):
-        decode_image(MediaBytes("!!!!", is_base64=True), 10)
+        open_image(MediaBytes("!!!!", is_base64=True), 4096, 10)
+
+
+def test_data_urls_as_vllm_accepts_them() -> None:
+    """Upper-case media types and base64 with line breaks (MIME style) are fine."""
+    text = base64.encodebytes(b"x" * 300).decode()  # 76-character lines
+    assert "\n" in text
+    for header in ("image/png;base64", "IMAGE/PNG;BASE64", "image/jpeg;charset=utf-8;base64"):
+        media = fetch(ServerConfig(), redirecting({}), f"data:{header},{text}")
+        assert decode_base64(media.payload, 4096) == b"x" * 300
+    with pytest.raises(ApiError, match="data URL"):
+        fetch(ServerConfig(), redirecting({}), "data:image/png;base64;charset=x," + text)
+
+
+def test_compressed_downloads_are_refused(fake_dns: None) -> None:
+    bomb = gzip.compress(b"\0" * (8 << 20))  # 8 MB inflated from about 8 KB
+    routes = {
+        "http://public.example/bomb.png": httpx.Response(
+            200, content=bomb, headers={"content-encoding": "gzip"}
+        )
+    }
+    with pytest.raises(ApiError, match="Content-Encoding 'gzip'"):
+        fetch(ServerConfig(max_media_bytes=1 << 20), redirecting(routes), routes_url(routes))
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers["accept-encoding"])
+        return httpx.Response(200, content=b"plain")
+
+    assert fetch(ServerConfig(), httpx.MockTransport(handler), "http://public.example/a")
+    assert seen == ["identity"]
+
+
+def routes_url(routes: dict[str, httpx.Response]) -> str:
+    return next(iter(routes))
+
+
+def test_local_files_must_be_regular(tmp_path: Any) -> None:
+    config = ServerConfig(allowed_local_media_path=str(tmp_path), max_media_bytes=4096)
+    os.mkfifo(tmp_path / "fifo.png")  # open() would block for ever on a FIFO
+    (tmp_path / "big.png").write_bytes(b"x" * 5000)
+    (tmp_path / "ok.png").write_bytes(b"x" * 100)
+    (tmp_path / "link.png").symlink_to(tmp_path / "ok.png")
+    with pytest.raises(ApiError, match="not a regular file"):
+        fetch(config, redirecting({}), f"file://{tmp_path}/fifo.png")
+    with pytest.raises(ApiError, match="larger than 4096"):
+        fetch(config, redirecting({}), f"file://{tmp_path}/big.png")
+    assert fetch(config, redirecting({}), f"file://{tmp_path}/ok.png").payload == b"x" * 100
+    # A symlink inside the folder to a file inside it is resolved first, then opened.
+    assert fetch(config, redirecting({}), f"file://{tmp_path}/link.png").payload == b"x" * 100

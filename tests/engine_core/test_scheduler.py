@@ -224,8 +224,18 @@ def test_max_num_seqs() -> None:
     assert all(h.finish(f"r{i}").finish_reason == "length" for i in range(5))
 
 
+def test_fcfs_refuses_priority() -> None:
+    h = Harness()
+    assert not h.add("urgent", 4, priority=-1)
+    error = h.outputs["urgent"][0].error
+    assert error is not None and error.status == 400 and "scheduling-policy" in error.message
+    assert h.add("plain", 4, priority=0)
+
+
 def test_priority_then_arrival_order() -> None:
-    h = Harness(max_num_seqs=1, num_slots=1, max_num_batched_tokens=64)
+    h = Harness(
+        max_num_seqs=1, num_slots=1, max_num_batched_tokens=64, scheduling_policy="priority"
+    )
     h.add("late-low", 4, priority=5, arrival_time=1.0)
     h.add("early-low", 4, priority=5, arrival_time=0.5)
     h.add("high", 4, priority=-1, arrival_time=2.0)
@@ -235,7 +245,9 @@ def test_priority_then_arrival_order() -> None:
 
 
 def test_preemption_by_recompute_keeps_tokens_right() -> None:
-    h = Harness(max_num_seqs=1, num_slots=1, max_num_batched_tokens=64)
+    h = Harness(
+        max_num_seqs=1, num_slots=1, max_num_batched_tokens=64, scheduling_policy="priority"
+    )
     h.add("low", 10, max_tokens=12, ignore_eos=True, priority=1)
     for _ in range(4):
         h.step()
