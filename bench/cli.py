@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from bench.config import BenchConfig, SweepConfig, add_flags, from_args, validate
-from bench.http import Client, HttpError, fetch
+from bench.http_client import Client, HttpError, fetch
 from bench.images import DistinctImages
 from bench.proc import listener_pid
 from bench.report import machine, run_markdown, run_result

@@ -10,7 +10,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 
-from bench.http import Client, HttpError, request_bytes
+from bench.http_client import Client, HttpError, request_bytes
 from bench.target import Target
 
 _TIMEOUT_S = 10.0

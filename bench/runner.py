@@ -29,7 +29,7 @@ import numpy as np
 
 from bench import proc
 from bench.config import BenchConfig
-from bench.http import Client, HttpError, HttpTimeout, request_bytes
+from bench.http_client import Client, HttpError, HttpTimeout, request_bytes
 from bench.metrics import RequestRecord
 from bench.probe import HealthProbe
 from bench.progress import Progress

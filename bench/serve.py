@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import proc
-from bench.http import Client, HttpError, fetch
+from bench.http_client import Client, HttpError, fetch
 from bench.target import Target, parse_target
 
 _READY_POLL_S = 0.25

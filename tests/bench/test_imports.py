@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 CHECK = """
 import sys
@@ -29,3 +30,10 @@ def test_the_bench_imports_no_server_code() -> None:
 def test_the_server_side_imports_no_bench_code() -> None:
     imports = "import apiserver.cli, apiserver.server, apiserver.launcher, engine_core"
     assert _loaded(imports, {"bench"}) == ""
+
+
+def test_no_bench_module_shadows_the_standard_library() -> None:
+    # bench/ also holds scripts run as `python bench/x.py`, which puts bench/ first on
+    # sys.path: a bench/http.py there once hid the standard library's http from torch.
+    names = {p.stem for p in Path(__file__).resolve().parents[2].joinpath("bench").glob("*.py")}
+    assert names & set(sys.stdlib_module_names) == set()
