@@ -1,6 +1,7 @@
 # make serve: install if needed, build the default model, serve it with 2 API servers.
 # make test:  install if needed, run the test suite.
 # make lint:  ruff, and mypy (strict) on apiserver/ and ipc/.
+# make install-lb: HAProxy from the distribution's packages (tests/integration/test_load_balancer.py).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -10,7 +11,7 @@ PORT ?= 8000
 # else drags in a different build.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install serve test lint bench-ipc clean
+.PHONY: install serve test lint install-lb bench-ipc clean
 
 install: $(STAMP)
 
@@ -31,6 +32,12 @@ lint: install
 	$(BIN)/ruff check apiserver engine_core ipc tests bench
 	$(BIN)/ruff format --check apiserver engine_core ipc tests bench
 	$(BIN)/mypy
+
+# Debian/Ubuntu packages; root, or sudo where it is there. Without HAProxy the test skips.
+install-lb:
+	command -v haproxy >/dev/null || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q haproxy; }
 
 bench-ipc: install
 	$(BIN)/python bench/ipc_bench.py
