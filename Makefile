@@ -2,6 +2,7 @@
 # make test:  install if needed, run the test suite.
 # make lint:  ruff, and mypy (strict) on apiserver/ and ipc/.
 # make bench-smoke: `fanin bench sweep` at CI size on the CPU (two configurations, seconds each).
+# make install-lb: HAProxy from the distribution's packages (tests/integration/test_load_balancer.py).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -11,7 +12,7 @@ PORT ?= 8000
 # else drags in a different build.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install serve test lint bench-ipc bench-smoke clean
+.PHONY: install serve test lint install-lb bench-ipc bench-smoke clean
 
 install: $(STAMP)
 
@@ -32,6 +33,12 @@ lint: install
 	$(BIN)/ruff check apiserver engine_core ipc tests bench
 	$(BIN)/ruff format --check apiserver engine_core ipc tests bench
 	$(BIN)/mypy
+
+# Debian/Ubuntu packages; root, or sudo where it is there. Without HAProxy the test skips.
+install-lb:
+	command -v haproxy >/dev/null || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q haproxy; }
 
 bench-ipc: install
 	$(BIN)/python bench/ipc_bench.py

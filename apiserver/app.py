@@ -13,6 +13,7 @@ from starlette.responses import Response
 
 from apiserver.context import ServerContext
 from apiserver.errors import ApiError
+from apiserver.loop_lag import LoopLagMonitor
 from apiserver.middleware import FaninMiddleware
 from apiserver.routes_embeddings import EmbeddingRoutes
 from apiserver.routes_misc import MiscRoutes
@@ -41,12 +42,17 @@ EXCEPTION_HANDLERS = {ApiError: _api_error, HTTPException: _http_error, Exceptio
 
 
 def build_app(ctx: ServerContext) -> FaninMiddleware:
-    """The ASGI app: routes behind the fanin middleware. Its lifespan shutdown (after
-    uvicorn's graceful drain) aborts what is still running in the engine and closes sockets."""
+    """The ASGI app: routes behind the fanin middleware. Its lifespan starts the loop-lag
+    monitor; its shutdown (after uvicorn's graceful drain) aborts what is still running in the
+    engine and closes sockets."""
+
+    loop_lag = LoopLagMonitor(ctx.index)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        loop_lag.start()
         yield
+        loop_lag.stop()
         ctx.client.abort_all()
         await ctx.fetcher.aclose()
         await ctx.client.close()

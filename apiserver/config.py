@@ -72,6 +72,16 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     shutdown_timeout: Annotated[
         float, Meta(ge=0, description="seconds in-flight requests get to finish on SIGTERM")
     ] = 30.0
+    shutdown_delay: Annotated[
+        float,
+        Meta(
+            ge=0,
+            le=600,
+            description="seconds after SIGTERM during which the servers go on serving while "
+            "/ready answers 503, before they stop accepting: set it above a load balancer's "
+            "check interval times its fall count, so no request reaches a closing socket",
+        ),
+    ] = 0.0
     engine_ready_timeout: Annotated[
         float, Meta(gt=0, description="seconds to wait for the engine to load the model")
     ] = 900.0

@@ -25,3 +25,5 @@ class ServerContext:
     renderer: Renderer
     fetcher: MediaFetcher
     admission: Admission
+    #: Set on SIGTERM when ``shutdown_delay`` is on: /ready answers 503 from then on.
+    draining: bool = False

@@ -283,7 +283,8 @@ class Launcher:
         """SIGTERM the API servers, let them drain, then stop the engine. A second SIGINT or
         SIGTERM kills everything at once."""
         self._respawn_at.clear()
-        grace = self.server_cfg.shutdown_timeout + KILL_GRACE_S
+        cfg = self.server_cfg
+        grace = cfg.shutdown_delay + cfg.shutdown_timeout + KILL_GRACE_S
         if not self._terminate([c for c in self.servers.values() if c.is_alive], grace):
             return 1
         engine = self.engine

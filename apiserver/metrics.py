@@ -35,6 +35,18 @@ ENGINE_WAITING = Gauge(
 INFLIGHT = Gauge(
     "fanin_server_inflight", "requests in flight", ["server"], multiprocess_mode="livesum"
 )
+LOOP_LAG = Gauge(
+    "fanin_event_loop_lag_seconds",
+    "how late the API server's event loop ran its latest timer",
+    ["server"],
+    multiprocess_mode="mostrecent",
+)
+LOOP_LAG_HISTOGRAM = Histogram(
+    "fanin_event_loop_lag_distribution_seconds",
+    "how late the API server's event loop ran each timer (every 20 ms)",
+    ["server"],
+    buckets=_FAST,
+)
 
 
 def render_latest() -> bytes:

@@ -84,8 +84,11 @@ class MiscRoutes:
         return json_response({"status": "ok", "engine": engine})
 
     async def ready(self, request: Request) -> Response:
-        """Readiness: 200 only while the engine is reachable (the model is loaded by then)."""
+        """Readiness: 200 only while the engine is reachable (the model is loaded by then) and
+        this server is not draining."""
         client = self._ctx.client
+        if self._ctx.draining:
+            return json_response({"status": "draining"}, 503)
         if client.is_alive:
             return json_response({"status": "ready"})
         return json_response({"status": "unavailable", "reason": client.dead_reason}, 503)

@@ -23,8 +23,11 @@ import resource
 import signal
 import socket
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
 
 import msgspec
 import uvicorn
@@ -32,6 +35,9 @@ import uvloop
 
 from apiserver.config import ServerConfig
 from ipc.lifecycle import die_with_parent, name_process
+
+if TYPE_CHECKING:  # imported for real in _serve, after PROMETHEUS_MULTIPROC_DIR is set
+    from apiserver.context import ServerContext
 
 log = logging.getLogger("apiserver")
 
@@ -154,18 +160,36 @@ async def _serve(
         # uvicorn annotates int, but hands it to asyncio.wait_for: fractions of seconds work.
         timeout_graceful_shutdown=config.shutdown_timeout,  # type: ignore[arg-type]
     )
-    server = _ReadyServer(uv_config, ready_fd)
+    server = _ReadyServer(uv_config, ready_fd, ctx)
     server.should_exit = bool(fatal)
     await server.serve(sockets=[sock])
     return 1 if fatal else 0
 
 
 class _ReadyServer(uvicorn.Server):
-    """uvicorn's Server, telling the launcher once it accepts connections."""
+    """uvicorn's Server, telling the launcher once it accepts connections, and draining in two
+    phases on SIGTERM: first ``shutdown_delay`` seconds of serving with /ready at 503 (a load
+    balancer takes the host out of rotation meanwhile), then uvicorn's own graceful stop."""
 
-    def __init__(self, config: uvicorn.Config, ready_fd: int | None) -> None:
+    def __init__(self, config: uvicorn.Config, ready_fd: int | None, ctx: ServerContext) -> None:
         super().__init__(config)
         self._ready_fd = ready_fd
+        self._ctx = ctx
+        self._stop_accepting_at: float | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        delay = self._ctx.config.shutdown_delay
+        if self._ctx.draining or delay <= 0:  # a second signal, or no delay: uvicorn's stop
+            super().handle_exit(sig, frame)
+            return
+        self._ctx.draining = True
+        self._stop_accepting_at = time.monotonic() + delay
+        log.info("draining: /ready answers 503; accepting for %g s more", delay)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._stop_accepting_at is not None and time.monotonic() >= self._stop_accepting_at:
+            self.should_exit = True
+        return await super().on_tick(counter)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:

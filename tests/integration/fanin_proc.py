@@ -172,17 +172,22 @@ class Fanin:
 
 
 def start_fanin(
-    tmp_path: Path, model: Path | None, *flags: str, env: dict[str, str] | None = None
+    tmp_path: Path,
+    model: Path | None,
+    *flags: str,
+    env: dict[str, str] | None = None,
+    port: int | None = None,
 ) -> Fanin:
-    """Start `fanin serve` on a free loopback port and wait for its READY=1."""
-    port = free_port()
+    """Start `fanin serve` on loopback (``port``, or a free one) and wait for its READY=1."""
+    port = port or free_port()
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify_path = tmp_path / f"notify-{port}.sock"
+    notify_path.unlink(missing_ok=True)  # left by an earlier instance on the same port
     notify.bind(str(notify_path))
     log_path = tmp_path / f"fanin-{port}.log"
     argv = [*fanin_command(), "serve", *([str(model)] if model else [])]
     argv += ["--host", "127.0.0.1", "--port", str(port), *flags]
-    with log_path.open("wb") as log:
+    with log_path.open("ab") as log:
         proc = subprocess.Popen(
             argv,
             stdout=log,

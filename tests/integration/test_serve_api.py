@@ -142,3 +142,16 @@ def test_killed_api_server_is_respawned_while_requests_succeed(fanin: Fanin) -> 
     # At most the requests that were on the killed server (one per worker) failed.
     assert len(failed) <= len(workers), failed
     assert httpx.get(fanin.base_url + "/ready").status_code == 200
+
+
+def test_metrics_report_each_servers_event_loop_lag(fanin: Fanin) -> None:
+    text = get(fanin, "/metrics").text
+    for server in ("0", "1"):
+        assert f'fanin_event_loop_lag_seconds{{server="{server}"}}' in text
+        counts = [
+            line
+            for line in text.splitlines()
+            if line.startswith("fanin_event_loop_lag_distribution_seconds_count")
+            and f'server="{server}"' in line
+        ]
+        assert counts and float(counts[0].rsplit(" ", 1)[1]) > 0  # ticks were observed
