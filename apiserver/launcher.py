@@ -24,6 +24,7 @@ import zmq
 from prometheus_client import multiprocess
 
 from apiserver.config import ServerConfig
+from apiserver.cpu_budget import CpuShare, thread_environment
 from apiserver.listener import describe_listener, remove_uds
 from apiserver.run_dir import RunDir, remove_stale_run_dirs
 from apiserver.supervisor import Child, Events, respawn_delay, spawn
@@ -49,8 +50,17 @@ FAST_FAILURE_S = 1.0
 class Launcher:
     """Owns every child process of one `fanin serve`. ``run()`` returns the exit code."""
 
-    def __init__(self, server: ServerConfig, engine: EngineConfig) -> None:
-        self.server_cfg = server
+    def __init__(self, server: ServerConfig, engine: EngineConfig, share: CpuShare) -> None:
+        """``share``: ``cpu_budget.plan`` of ``server`` on this machine."""
+        # The servers get the plan's resolved figures, so that all of them agree on N.
+        self.server_cfg = msgspec.structs.replace(
+            server,
+            api_server_count=share.api_server_count,
+            renderer_num_workers=share.render_workers,
+            api_server_threads=share.threads,
+            engine_cpu_cores=share.engine_cores,
+        )
+        self.share = share
         self.engine_cfg = engine
         self.engine: Child | None = None
         self.servers: dict[int, Child] = {}
@@ -63,6 +73,7 @@ class Launcher:
         """Serve on ``listener`` (from ``bind_listener``; closed on return) until SIGTERM/SIGINT
         (exit 0) or until the engine dies (exit 1)."""
         logger.info("listening on %s", describe_listener(listener, self.server_cfg))
+        self._log_share()
         try:
             remove_stale_run_dirs()
             run_dir = RunDir()
@@ -83,6 +94,14 @@ class Launcher:
             listener.close()
             remove_uds(self.server_cfg)
             run_dir.remove()
+
+    def _log_share(self) -> None:
+        logger.info("cpu budget: %s", self.share.describe())
+        for note in self.share.notes:
+            logger.warning("%s", note)
+        _, kept = thread_environment(self.share, os.environ)
+        for name, value in kept.items():
+            logger.warning("%s=%s is set in the environment: API servers keep it", name, value)
 
     def _write_configs(self, run_dir: str) -> None:
         address = transport.engine_address(run_dir)
@@ -108,7 +127,7 @@ class Launcher:
         code = self._wait_engine_ready(self.engine)
         if code is not None:
             return self._stop(code)
-        for index in range(self.server_cfg.api_server_count):
+        for index in range(self.share.api_server_count):
             self._spawn_server(index)
         code = self._wait_servers_ready()
         if code is not None:

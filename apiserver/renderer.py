@@ -48,7 +48,9 @@ class Prompt:
 class Renderer:
     """Owns the tokenizer, the processor and the render pool of one API server."""
 
-    def __init__(self, tokenizer: Any, processor: Any, ready: Ready, config: ServerConfig) -> None:
+    def __init__(
+        self, tokenizer: Any, processor: Any, ready: Ready, config: ServerConfig, num_workers: int
+    ) -> None:
         self.tokenizer = tokenizer
         self._processor = processor
         self._ready = ready
@@ -57,15 +59,16 @@ class Renderer:
         # own truncation/padding: transformers then reconfigures the Rust tokenizer, a mutable
         # borrow that fails with "Already borrowed" while another thread encodes
         # (huggingface/transformers#47085). Calls here never set either.
-        self._pool = ThreadPoolExecutor(config.renderer_num_workers, thread_name_prefix="render")
+        self._pool = ThreadPoolExecutor(num_workers, thread_name_prefix="render")
         self._pending = 0
 
     @classmethod
-    def load(cls, model_dir: str, ready: Ready, config: ServerConfig) -> Renderer:
-        """Load the model's tokenizer (and processor when it takes images). Blocking."""
+    def load(cls, model_dir: str, ready: Ready, config: ServerConfig, num_workers: int) -> Renderer:
+        """Load the model's tokenizer (and processor when it takes images), for a pool of
+        ``num_workers`` render threads. Blocking."""
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         processor = AutoProcessor.from_pretrained(model_dir) if ready.supports_images else None
-        return cls(tokenizer, processor, ready, config)
+        return cls(tokenizer, processor, ready, config, num_workers)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

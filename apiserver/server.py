@@ -3,11 +3,12 @@
 ``python -m apiserver.server --config PATH --index I --listen-fd FD [--ready-fd FD]
 [--parent-pid PID]``
 
-Reads the ServerConfig JSON, connects to the engine (HELLO/READY), loads the model's tokenizer
-and processor, then serves the inherited listening socket with uvicorn (uvloop + httptools)
-and writes one byte to ``--ready-fd`` once it accepts. SIGTERM: uvicorn stops accepting and
-lets in-flight requests finish for ``shutdown_timeout`` seconds; the lifespan shutdown then
-aborts whatever is left in the engine; exit status 0.
+Reads the ServerConfig JSON, sizes its threads to its share of the cores (before torch is
+imported: ``apiserver.cpu_budget``), connects to the engine (HELLO/READY), loads the model's
+tokenizer and processor, then serves the inherited listening socket with uvicorn (uvloop +
+httptools) and writes one byte to ``--ready-fd`` once it accepts. SIGTERM: uvicorn stops
+accepting and lets in-flight requests finish for ``shutdown_timeout`` seconds; the lifespan
+shutdown then aborts whatever is left in the engine; exit status 0.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import msgspec
 import uvicorn
 import uvloop
 
+from apiserver import cpu_budget
 from apiserver.config import ServerConfig
 from ipc.lifecycle import die_with_parent, name_process
 
@@ -65,9 +67,14 @@ def main(argv: list[str] | None = None) -> int:
         level=config.log_level.upper(),
         format=f"%(asctime)s %(levelname)s api-server-{args.index} %(name)s: %(message)s",
     )
+    try:
+        share = _size_threads(config)
+    except cpu_budget.BudgetError as exc:
+        log.error("cannot start: %s", exc)
+        return 2
     sock = socket.socket(fileno=args.listen_fd)
     try:
-        uvloop.run(_serve(config, args.index, sock, args.ready_fd))
+        uvloop.run(_serve(config, args.index, sock, args.ready_fd, share))
     except (TimeoutError, ConnectionError, OSError) as exc:
         # No engine, an incompatible one, or no tokenizer at READY's model path.
         log.error("cannot start: %s", exc)
@@ -79,8 +86,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _size_threads(config: ServerConfig) -> cpu_budget.CpuShare:
+    """This server's share of the cores, applied to the math libraries before torch loads.
+    The launcher already logged its plan and corrections."""
+    share = cpu_budget.plan(config, cpu_budget.usable_cores())
+    kept = cpu_budget.apply_environment(share, os.environ)
+    cpu_budget.apply_torch_threads(share)
+    log.info(
+        "%d render worker(s), %d math thread(s)%s",
+        share.render_workers,
+        share.threads,
+        "".join(f"; {k}={v} kept from the environment" for k, v in kept.items()),
+    )
+    return share
+
+
 async def _serve(
-    config: ServerConfig, index: int, sock: socket.socket, ready_fd: int | None
+    config: ServerConfig,
+    index: int,
+    sock: socket.socket,
+    ready_fd: int | None,
+    share: cpu_budget.CpuShare,
 ) -> None:
     # Imported here: they import prometheus_client, which must see PROMETHEUS_MULTIPROC_DIR.
     from apiserver.admission import Admission
@@ -93,7 +119,9 @@ async def _serve(
     client = EngineClient(config.engine_address, index)
     try:
         ready = await client.start(config.engine_ready_timeout)
-        renderer = await asyncio.to_thread(Renderer.load, ready.model, ready, config)
+        renderer = await asyncio.to_thread(
+            Renderer.load, ready.model, ready, config, share.render_workers
+        )
     except BaseException:
         await client.close()
         raise
