@@ -26,6 +26,7 @@ from prometheus_client import multiprocess
 from apiserver.config import ServerConfig
 from apiserver.cpu_budget import CpuShare, thread_environment
 from apiserver.listener import describe_listener, remove_uds
+from apiserver.load_table import LoadTable
 from apiserver.run_dir import RunDir, remove_stale_run_dirs
 from apiserver.supervisor import Child, Events, respawn_delay, spawn
 from apiserver.systemd import notify, watchdog_interval
@@ -81,6 +82,7 @@ class Launcher:
             listener.close()
             raise
         logger.info("run dir %s", run_dir.path)
+        self.load_table: LoadTable | None = None
         try:
             self._write_configs(run_dir.path)
             self.listen_fd = listener.fileno()
@@ -93,6 +95,8 @@ class Launcher:
             self._kill_all()
             listener.close()
             remove_uds(self.server_cfg)
+            if self.load_table is not None:
+                self.load_table.close()
             run_dir.remove()
 
     def _log_share(self) -> None:
@@ -117,6 +121,8 @@ class Launcher:
             with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
                 f.write(msgspec.json.encode(cfg))
         self.run_dir = run_dir
+        self.load_table_path = os.path.join(run_dir, "load.table")
+        self.load_table = LoadTable.create(self.load_table_path, self.share.api_server_count)
 
     def _serve(self, close_listener: Callable[[], None]) -> int:
         engine_cmd = [sys.executable, "-m", "engine_core", "--config"]
@@ -215,6 +221,7 @@ class Launcher:
     def _spawn_server(self, index: int) -> None:
         cmd = [sys.executable, "-m", "apiserver.server", "--config", f"{self.run_dir}/server.json"]
         cmd += ["--index", str(index), "--listen-fd", str(self.listen_fd)]
+        cmd += ["--load-table", self.load_table_path]
         cmd += ["--ready-fd", "{ready_fd}", "--parent-pid", str(os.getpid())]
         child = spawn(
             f"api server {index}",
@@ -271,6 +278,8 @@ class Launcher:
 
     def _schedule_respawn(self, child: Child) -> None:
         index = next(i for i, c in self.servers.items() if c is child)
+        assert self.load_table is not None
+        self.load_table.clear(index)  # its connections died with it
         try:
             multiprocess.mark_process_dead(child.pid, self.server_cfg.metrics_dir)
         except OSError as e:

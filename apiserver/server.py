@@ -1,14 +1,17 @@
 """Process entry of one API server:
 
-``python -m apiserver.server --config PATH --index I --listen-fd FD [--ready-fd FD]
-[--parent-pid PID]``
+``python -m apiserver.server --config PATH --index I --listen-fd FD [--load-table PATH]
+[--ready-fd FD] [--parent-pid PID]``
 
 Reads the ServerConfig JSON, sizes its threads to its share of the cores (before torch is
 imported: ``apiserver.cpu_budget``), connects to the engine (HELLO/READY), loads the model's
 tokenizer and processor, then serves the inherited listening socket with uvicorn (uvloop +
-httptools) and writes one byte to ``--ready-fd`` once it accepts. SIGTERM: uvicorn stops
-accepting and lets in-flight requests finish for ``shutdown_timeout`` seconds; the lifespan
-shutdown then aborts whatever is left in the engine; exit status 0.
+httptools), accepting through ``apiserver.acceptor`` so that connections spread evenly over
+the servers that share ``--load-table``, and writes one byte to ``--ready-fd`` once it accepts.
+SIGTERM: it stops accepting, closes each connection after its next response for up to
+``DRAIN_SHED_S`` (clients move to the other servers), then uvicorn lets in-flight requests
+finish for ``shutdown_timeout`` seconds; the lifespan shutdown then aborts whatever is left in
+the engine; exit status 0.
 """
 
 from __future__ import annotations
@@ -29,12 +32,18 @@ import uvicorn
 import uvloop
 
 from apiserver import cpu_budget
+from apiserver.acceptor import Acceptor, counted_protocol
 from apiserver.config import ServerConfig
+from apiserver.load_table import LoadTable
+from apiserver.spread import Balancer, ShedMiddleware
 from ipc.lifecycle import die_with_parent, name_process
 
 log = logging.getLogger("apiserver")
 
 _HANDLED = (signal.SIGINT, signal.SIGTERM)
+#: On SIGTERM, how long connections get to close after their next response before uvicorn
+#: closes the idle ones (capped by ``shutdown_timeout``).
+DRAIN_SHED_S = 2.0
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,6 +51,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", required=True, help="ServerConfig JSON file")
     p.add_argument("--index", type=int, required=True, help="this server's client index")
     p.add_argument("--listen-fd", type=int, required=True, help="inherited listening socket")
+    p.add_argument("--load-table", help="the launcher's load table (see apiserver.load_table)")
     p.add_argument("--ready-fd", type=int, help="write one byte here once serving")
     p.add_argument("--parent-pid", type=int, help="exit when this process dies")
     return p.parse_args(argv)
@@ -69,12 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         share = _size_threads(config)
-    except cpu_budget.BudgetError as exc:
+        table, row = _load_table(args.load_table, args.index, share.api_server_count)
+    except (cpu_budget.BudgetError, OSError) as exc:
         log.error("cannot start: %s", exc)
         return 2
     sock = socket.socket(fileno=args.listen_fd)
     try:
-        uvloop.run(_serve(config, args.index, sock, args.ready_fd, share))
+        uvloop.run(_serve(config, args.index, sock, args.ready_fd, share, Balancer(table, row)))
     except (TimeoutError, ConnectionError, OSError) as exc:
         # No engine, an incompatible one, or no tokenizer at READY's model path.
         log.error("cannot start: %s", exc)
@@ -101,12 +112,23 @@ def _size_threads(config: ServerConfig) -> cpu_budget.CpuShare:
     return share
 
 
+def _load_table(path: str | None, index: int, rows: int) -> tuple[LoadTable, int]:
+    """The shared table and this server's row in it; a private one-row table without a
+    launcher."""
+    if path is None:
+        return LoadTable.private(), 0
+    if not 0 <= index < rows:
+        raise OSError(f"--index {index} has no row in a load table of {rows}")
+    return LoadTable.open(path, rows), index
+
+
 async def _serve(
     config: ServerConfig,
     index: int,
     sock: socket.socket,
     ready_fd: int | None,
     share: cpu_budget.CpuShare,
+    balancer: Balancer,
 ) -> None:
     # Imported here: they import prometheus_client, which must see PROMETHEUS_MULTIPROC_DIR.
     from apiserver.admission import Admission
@@ -136,7 +158,7 @@ async def _serve(
         config, index, name, ready, client, renderer, MediaFetcher(config), admission
     )
     uv_config = uvicorn.Config(
-        build_app(ctx),
+        ShedMiddleware(build_app(ctx), balancer),
         loop="none",
         http="httptools",
         lifespan="on",
@@ -146,15 +168,24 @@ async def _serve(
         # uvicorn annotates int, but hands it to asyncio.wait_for: fractions of seconds work.
         timeout_graceful_shutdown=config.shutdown_timeout,  # type: ignore[arg-type]
     )
-    await _ReadyServer(uv_config, ready_fd).serve(sockets=[sock])
+    await _ReadyServer(uv_config, ready_fd, sock, balancer).serve(sockets=[])
 
 
 class _ReadyServer(uvicorn.Server):
-    """uvicorn's Server, telling the launcher once it accepts connections."""
+    """uvicorn's Server accepting through an ``Acceptor``, telling the launcher once it does."""
 
-    def __init__(self, config: uvicorn.Config, ready_fd: int | None) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        ready_fd: int | None,
+        listener: socket.socket,
+        balancer: Balancer,
+    ) -> None:
         super().__init__(config)
         self._ready_fd = ready_fd
+        self._listener = listener
+        self._balancer = balancer
+        self._acceptor: Acceptor | None = None
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -168,11 +199,24 @@ class _ReadyServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets=sockets)
-        if self.started and self._ready_fd is not None:
+        # No sockets for uvicorn: it runs the lifespan and leaves accepting to the Acceptor.
+        await super().startup(sockets=[])
+        if not self.started:
+            return
+        factory = counted_protocol(self.config, self, self._balancer)
+        self._acceptor = Acceptor(self._listener, factory, self._balancer)
+        self._acceptor.start()
+        self.servers.append(self._acceptor)  # type: ignore[arg-type]  # closed by shutdown
+        if self._ready_fd is not None:
             os.write(self._ready_fd, b"1")
             os.close(self._ready_fd)
             self._ready_fd = None
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self._acceptor is not None:
+            grace = self.config.timeout_graceful_shutdown or 0
+            await self._acceptor.drain(min(DRAIN_SHED_S, grace))
+        await super().shutdown(sockets=sockets)
 
 
 if __name__ == "__main__":
