@@ -170,15 +170,20 @@ class MediaFetcher:
             )
 
 
+def image_bytes(media: MediaBytes) -> bytes:
+    """The image file's bytes (a ``data:`` URL's base64 decoded)."""
+    if not media.is_base64:
+        assert isinstance(media.payload, bytes)
+        return media.payload
+    try:
+        return base64.b64decode(media.payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "image data URL is not valid base64", param="image_url") from None
+
+
 def decode_image(media: MediaBytes, max_pixels: int) -> Image.Image:
     """Bytes -> RGB image; the pixel count is checked from the header before decoding."""
-    data = media.payload
-    if media.is_base64:
-        try:
-            data = base64.b64decode(data, validate=True)
-        except (binascii.Error, ValueError):
-            raise ApiError(400, "image data URL is not valid base64", param="image_url") from None
-    assert isinstance(data, bytes)
+    data = image_bytes(media)
     try:
         image = Image.open(io.BytesIO(data))
         width, height = image.size
