@@ -33,8 +33,6 @@ RECHECK_S = 0.005
 #: After the process ran out of file descriptors or memory for one more connection (asyncio
 #: waits the same before accepting again).
 RESOURCE_RETRY_S = 1.0
-#: How often this server tells the others it is alive (see ``load_table.STALE_NS``).
-HEARTBEAT_S = 0.25
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
@@ -71,16 +69,14 @@ class Acceptor:
         self._reading = False
         self._closed = False
         self._retry: asyncio.TimerHandle | None = None
-        self._heartbeat: asyncio.TimerHandle | None = None
         self._connecting: set[asyncio.Task[Any]] = set()
         self._drained = asyncio.Event()
         balancer.on_release = self._on_release
 
     def start(self) -> None:
-        """Start accepting and heart-beating; the balancer then counts this server in."""
+        """Start accepting; the balancer then counts this server in."""
         self._listener.setblocking(False)
         self._balancer.start_serving()
-        self._beat()
         self._read()
 
     def close(self) -> None:
@@ -90,9 +86,8 @@ class Acceptor:
         self._closed = True
         self._balancer.start_draining()
         self._unread()
-        for handle in (self._retry, self._heartbeat):
-            if handle is not None:
-                handle.cancel()
+        if self._retry is not None:
+            self._retry.cancel()
         self._listener.close()
 
     async def wait_closed(self) -> None:
@@ -163,7 +158,3 @@ class Acceptor:
             # The protocol never saw the connection, so it will not report the close.
             conn.close()
             self._balancer.connection_closed()
-
-    def _beat(self) -> None:
-        self._balancer.heartbeat()
-        self._heartbeat = self._loop.call_later(HEARTBEAT_S, self._beat)

@@ -25,8 +25,8 @@ EMPTY, STARTING, SERVING, DRAINING = 0, 1, 2, 3
 #: the column skips it without a branch.
 NOT_SERVING = 1 << 62
 #: A SERVING row whose heartbeat is older than this is ignored: its server is stuck (a healthy
-#: event loop never runs more than milliseconds of CPU work at a time).
-STALE_NS = 3_000_000_000
+#: event loop beats every second and never runs more than milliseconds of work at a time).
+STALE_NS = 5_000_000_000
 
 
 class LoadTable:

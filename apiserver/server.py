@@ -212,6 +212,12 @@ class _ReadyServer(uvicorn.Server):
             os.close(self._ready_fd)
             self._ready_fd = None
 
+    async def on_tick(self, counter: int) -> bool:
+        # uvicorn ticks ten times a second: beat on its once-a-second tick, no timer of ours.
+        if counter % 10 == 0:
+            self._balancer.heartbeat()
+        return await super().on_tick(counter)
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         if self._acceptor is not None:
             grace = self.config.timeout_graceful_shutdown or 0
