@@ -69,7 +69,9 @@ class Balancer:
         self._publish()
 
     def heartbeat(self) -> None:
+        """Once a second: tell the others this server is alive, and see who is not."""
         self.table.beat(self.index)
+        self.table.find_stuck()
 
     def may_accept(self) -> bool:
         """Rule 1: serving, and no more connections than the least loaded live server."""
@@ -86,8 +88,8 @@ class Balancer:
         self.on_release()
 
     def should_shed(self) -> bool:
-        """Whether the response about to start should close its connection (rules 2-4); a yes
-        counts that connection as closing."""
+        """Whether the request that just arrived should close its connection after its
+        response (rules 2-4); a yes counts that connection as closing."""
         if self.state != SERVING:
             return self.state == DRAINING
         least = self.table.least_connections()
@@ -113,26 +115,26 @@ Scope = MutableMapping[str, Any]
 
 
 class ShedMiddleware:
-    """Pure ASGI: adds ``Connection: close`` to a response when the balancer says this
-    connection should go to another server (uvicorn then closes it once the response is sent).
-    Outermost, so that every response counts, errors included."""
+    """Pure ASGI: adds ``Connection: close`` to a request's response when the balancer says
+    its connection should go to another server (uvicorn then closes it once the response is
+    sent). Outermost, so that every request counts, errors included; decided as the request
+    arrives, so that the common answer (keep it) costs no wrapper around ``send``."""
 
     def __init__(self, app: Any, balancer: Balancer) -> None:
         self._app = app
         self._balancer = balancer
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or not self._balancer.should_shed():
             await self._app(scope, receive, send)
             return
-        balancer = self._balancer
 
-        async def send_maybe_closing(message: MutableMapping[str, Any]) -> None:
-            if message["type"] == "http.response.start" and balancer.should_shed():
+        async def send_closing(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
                 headers = list(message.get("headers", ()))
                 if _CLOSE not in headers:
                     headers.append(_CLOSE)
                 message["headers"] = headers
             await send(message)
 
-        await self._app(scope, receive, send_maybe_closing)
+        await self._app(scope, receive, send_closing)

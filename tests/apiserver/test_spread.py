@@ -93,6 +93,9 @@ def test_a_stuck_server_is_left_out_of_the_least_loaded(tmp_path: Path) -> None:
         stale = time.monotonic_ns() - STALE_NS - 1
         struct.pack_into("<q", raw, 2 * ROW_BYTES + HEARTBEAT_NS * 8, stale)
         raw.close()
+    assert a.table.least_connections() == 0  # until a's next beat looks
+    a.heartbeat()
+    b.heartbeat()
     assert a.table.least_connections() == 2
     assert a.may_accept() and not b.may_accept()
 
