@@ -172,9 +172,14 @@ class Fanin:
 
 
 def start_fanin(
-    tmp_path: Path, model: Path | None, *flags: str, env: dict[str, str] | None = None
+    tmp_path: Path,
+    model: Path | None,
+    *flags: str,
+    env: dict[str, str] | None = None,
+    cpus: set[int] | None = None,
 ) -> Fanin:
-    """Start `fanin serve` on a free loopback port and wait for its READY=1."""
+    """Start `fanin serve` on a free loopback port (on the CPUs ``cpus`` only, if given) and
+    wait for its READY=1."""
     port = free_port()
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify_path = tmp_path / f"notify-{port}.sock"
@@ -188,6 +193,7 @@ def start_fanin(
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {}), "NOTIFY_SOCKET": str(notify_path)},
+            preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus),
         )
     fanin = Fanin(proc, port, notify, log_path)
     try:
