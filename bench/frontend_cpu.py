@@ -30,14 +30,12 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import json
 import os
 import platform
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -45,6 +43,8 @@ from typing import Any
 import httpx
 import numpy as np
 from PIL import Image
+
+from bench.outputs import model_dir, write_results
 
 _SAMPLES = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "retina")
 START_TIMEOUT_S = 300.0
@@ -206,17 +206,9 @@ def main() -> int:
     p.add_argument("--transfers", nargs="+", default=["uint8", "normalized"])
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as work:
-        model = args.model
-        if model is None:
-            from apiserver.default_model import build_model
-
-            model = build_model(Path(work) / "default")
+    with model_dir(args.model) as model:
         rows = run(model, args)
-    (args.out / "frontend_cpu.json").write_text(json.dumps(rows, indent=2))
-    table = _table(rows)
-    (args.out / "frontend_cpu.md").write_text(table)
-    print(table, end="")
+    write_results(args.out, "frontend_cpu", rows, _table(rows))
     return 0
 
 

@@ -13,9 +13,7 @@ and ``.md``; prints the table and exits 1 if any photo differs.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from bench.outputs import model_dir, write_results
 from engine_core.model.pixels import PixelInput
 
 _SAMPLES = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "retina")
@@ -118,19 +117,10 @@ def main() -> int:
     p.add_argument("out", type=Path)
     p.add_argument("--model", type=Path, help="default: build the default model in a temp dir")
     args = p.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    with tempfile.TemporaryDirectory() as work:
-        model = args.model
-        if model is None:
-            from apiserver.default_model import build_model
-
-            model = build_model(Path(work) / "default")
+    with model_dir(args.model) as model:
         rows = check(model, device)
-    (args.out / "pixel_exactness.json").write_text(json.dumps(rows, indent=2))
-    table = _table(rows, device)
-    (args.out / "pixel_exactness.md").write_text(table)
-    print(table, end="")
+    write_results(args.out, "pixel_exactness", rows, _table(rows, device))
     exact = all(r["float32_equal"] and r["bfloat16_equal"] for r in rows)
     return 0 if exact else 1
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import tempfile
 import time
@@ -22,6 +21,7 @@ from typing import Any
 
 from apiserver.load_table import LoadTable
 from apiserver.spread import Balancer, ShedMiddleware
+from bench.outputs import write_results
 
 SIZES = (1, 6, 14, 32)
 _START = {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]}
@@ -89,12 +89,7 @@ def main() -> int:
             f"| {r['rows']} | {r['app_us']:.2f} | {r['with_spread_us']:.2f} "
             f"| {r['added_us']:.2f} | {r['least_connections_us']:.2f} |"
         )
-    table = "\n".join(lines) + "\n"
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "spread_overhead.json").write_text(json.dumps(results, indent=2))
-        (args.out / "spread_overhead.md").write_text(table)
-    print(table, end="")
+    write_results(args.out, "spread_overhead", results, "\n".join(lines) + "\n")
     return 0
 
 

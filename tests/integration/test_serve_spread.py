@@ -135,21 +135,29 @@ def test_keep_alive_clients_spread_evenly(clients: list[tuple[openai.OpenAI, str
     load.assert_even()
 
 
-def test_a_drained_server_hands_its_clients_over_without_an_error(
-    six: Fanin, clients: list[tuple[openai.OpenAI, str]]
-) -> None:
-    pid = six.server_pid(3)
+def _signal_midway(
+    fanin: Fanin, clients: list[tuple[openai.OpenAI, str]], index: int, sig: signal.Signals
+) -> tuple[int, Load]:
+    """Load of 8 requests per client; once it flows, ``sig`` to API server ``index``, which
+    must be gone soon, and the others must answer as much again. Its pid and the load."""
+    pid = fanin.server_pid(index)
     assert pid is not None
 
-    def drain(load: Load) -> None:
+    def during(load: Load) -> None:
         _until(lambda: load.total >= CLIENTS * 2)
-        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, sig)
         assert wait_gone([pid], 60) == []
         with load.lock:
             seen = load.total
-        _until(lambda: load.total >= seen + CLIENTS * 2)  # the others carry the load
+        _until(lambda: load.total >= seen + CLIENTS * 2)
 
-    load = _run(clients, per_client=8, during=drain)
+    return pid, _run(clients, per_client=8, during=during)
+
+
+def test_a_drained_server_hands_its_clients_over_without_an_error(
+    six: Fanin, clients: list[tuple[openai.OpenAI, str]]
+) -> None:
+    _, load = _signal_midway(six, clients, 3, signal.SIGTERM)
     assert not load.errors, load.errors[:5]
     assert load.total == CLIENTS * 8
     assert re.search(r"api server 3 \(pid \d+\) exited with code 0", six.log())
@@ -158,18 +166,7 @@ def test_a_drained_server_hands_its_clients_over_without_an_error(
 def test_a_killed_server_costs_only_its_own_requests_then_all_rebalance(
     six: Fanin, clients: list[tuple[openai.OpenAI, str]]
 ) -> None:
-    pid = six.server_pid(2)
-    assert pid is not None
-
-    def kill(load: Load) -> None:
-        _until(lambda: load.total >= CLIENTS * 2)
-        os.kill(pid, signal.SIGKILL)
-        assert wait_gone([pid], 60) == []
-        with load.lock:
-            seen = load.total
-        _until(lambda: load.total >= seen + CLIENTS * 2)
-
-    load = _run(clients, per_client=8, during=kill)
+    pid, load = _signal_midway(six, clients, 2, signal.SIGKILL)
     # Requests in flight on the killed server's connections fail (about one per connection
     # it held, a sixth of the clients); every other request is answered.
     assert all("Connection" in e for e in load.errors), load.errors[:5]
