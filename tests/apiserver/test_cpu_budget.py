@@ -218,3 +218,14 @@ def test_a_user_set_omp_num_threads_is_kept_but_torch_follows_the_flag() -> None
     got = _child({"api_server_threads": 1}, 2, {"OMP_NUM_THREADS": "2"})
     assert got["omp"] == "2" and got["kept"] == {"OMP_NUM_THREADS": "2"}
     assert got["torch"] == 1  # torch.set_num_threads is fanin's own call
+
+
+def test_the_api_server_module_does_not_import_torch_before_its_budget() -> None:
+    """server.py sets the thread variables first thing in main; torch must not be loaded by
+    then, or OpenMP would already have sized its pool from every core."""
+    code = "import sys, apiserver.server; print(sorted({'torch', 'numpy'} & set(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
