@@ -32,6 +32,7 @@ import base64
 import io
 import os
 import platform
+import signal
 import socket
 import statistics
 import subprocess
@@ -206,6 +207,8 @@ def main() -> int:
     p.add_argument("--transfers", nargs="+", default=["uint8", "normalized"])
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    # A `timeout` around this script must still stop the servers it started (``finally``).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     with model_dir(args.model) as model:
         rows = run(model, args)
     write_results(args.out, "frontend_cpu", rows, _table(rows))
