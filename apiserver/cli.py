@@ -96,9 +96,39 @@ def _add_option(group: argparse._ArgumentGroup, option: Option) -> None:
         kw.update(nargs="+", type=str, metavar="VALUE")
     elif kind in (int, float, str):
         kw["type"] = kind
+    elif words := _int_or_words(kind):
+        kw.update(type=_IntOrWords(words), metavar="{N," + ",".join(words) + "}")
     else:
         raise TypeError(f"no flag type for {option.name}: {kind!r}")
     group.add_argument(option.flag, **kw)
+
+
+def _int_or_words(kind: Any) -> tuple[str, ...]:
+    """The words of ``int | Literal[words]`` (e.g. ``--api-server-count N|auto``), else ()."""
+    if typing.get_origin(kind) not in (typing.Union, types.UnionType):
+        return ()
+    members = [_unwrap(member)[0] for member in typing.get_args(kind)]
+    literals = [m for m in members if typing.get_origin(m) is Literal]
+    if int not in members or len(literals) != 1 or len(members) != 2:
+        return ()
+    return tuple(str(word) for word in typing.get_args(literals[0]))
+
+
+@dataclass(frozen=True)
+class _IntOrWords:
+    """argparse type of an ``int | Literal[words]`` flag."""
+
+    words: tuple[str, ...]
+
+    def __call__(self, text: str) -> int | str:
+        if text in self.words:
+            return text
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer or {' or '.join(self.words)}, got {text!r}"
+            ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,9 +223,12 @@ def resolve_model(model: str | None) -> Path:
 
 
 def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from apiserver import cpu_budget
+
     try:
         server, engine = configs_from_args(args, model=args.model or "")
-    except ValueError as e:
+        share = cpu_budget.plan(server, cpu_budget.usable_cores())
+    except ValueError as e:  # BudgetError included: a flag this machine cannot honour
         parser.error(str(e))
     logging.basicConfig(
         level=server.log_level.upper(),
@@ -219,7 +252,7 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         print(f"fanin: error: {e}", file=sys.stderr)
         return 1
     engine = msgspec.structs.replace(engine, model=str(model))
-    return Launcher(server, engine).run(listener)
+    return Launcher(server, engine, share).run(listener)
 
 
 def _build_model(args: argparse.Namespace) -> int:

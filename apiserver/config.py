@@ -28,11 +28,28 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         str | None, Meta(description="model name in the API; default: the model path's last part")
     ] = None
     api_server_count: Annotated[
-        int, Meta(ge=1, le=256, description="number of API-server processes")
-    ] = 1
+        Annotated[int, Meta(ge=1, le=256)] | Literal["auto"],
+        Meta(
+            description="number of API-server processes; auto: one per 2 cores left after the "
+            "engine core's (a server keeps one GIL-bound thread and about one core of render "
+            "threads busy), at most 32"
+        ),
+    ] = "auto"
     renderer_num_workers: Annotated[
-        int, Meta(ge=1, le=64, description="preprocessing threads per API server")
-    ] = 2
+        Annotated[int, Meta(ge=1, le=64)] | Literal["auto"],
+        Meta(description="preprocessing threads per API server; auto: its share of the cores"),
+    ] = "auto"
+    api_server_threads: Annotated[
+        Annotated[int, Meta(ge=1, le=64)] | Literal["auto"],
+        Meta(
+            description="math threads per API server (torch intra-op and inter-op, OpenMP, MKL, "
+            "OpenBLAS, tokenizers); auto: its share of the cores per render worker"
+        ),
+    ] = "auto"
+    engine_cpu_cores: Annotated[
+        Annotated[int, Meta(ge=0)] | Literal["auto"],
+        Meta(description="cores kept out of the API servers' share for the engine core; auto: 2"),
+    ] = "auto"
     max_pending_renders: Annotated[
         int, Meta(ge=1, description="requests waiting for a preprocessing thread before 429")
     ] = 64

@@ -24,7 +24,9 @@ import zmq
 from prometheus_client import multiprocess
 
 from apiserver.config import ServerConfig
+from apiserver.cpu_budget import CpuShare, thread_environment
 from apiserver.listener import describe_listener, remove_uds
+from apiserver.load_table import LoadTable
 from apiserver.run_dir import RunDir, remove_stale_run_dirs
 from apiserver.supervisor import Child, Events, respawn_delay, spawn
 from apiserver.systemd import notify, watchdog_interval
@@ -49,8 +51,17 @@ FAST_FAILURE_S = 1.0
 class Launcher:
     """Owns every child process of one `fanin serve`. ``run()`` returns the exit code."""
 
-    def __init__(self, server: ServerConfig, engine: EngineConfig) -> None:
-        self.server_cfg = server
+    def __init__(self, server: ServerConfig, engine: EngineConfig, share: CpuShare) -> None:
+        """``share``: ``cpu_budget.plan`` of ``server`` on this machine."""
+        # The servers get the plan's resolved figures, so that all of them agree on N.
+        self.server_cfg = msgspec.structs.replace(
+            server,
+            api_server_count=share.api_server_count,
+            renderer_num_workers=share.render_workers,
+            api_server_threads=share.threads,
+            engine_cpu_cores=share.engine_cores,
+        )
+        self.share = share
         self.engine_cfg = engine
         self.engine: Child | None = None
         self.servers: dict[int, Child] = {}
@@ -63,6 +74,7 @@ class Launcher:
         """Serve on ``listener`` (from ``bind_listener``; closed on return) until SIGTERM/SIGINT
         (exit 0) or until the engine dies (exit 1)."""
         logger.info("listening on %s", describe_listener(listener, self.server_cfg))
+        self._log_share()
         try:
             remove_stale_run_dirs()
             run_dir = RunDir()
@@ -70,6 +82,7 @@ class Launcher:
             listener.close()
             raise
         logger.info("run dir %s", run_dir.path)
+        self.load_table: LoadTable | None = None
         try:
             self._write_configs(run_dir.path)
             self.listen_fd = listener.fileno()
@@ -82,7 +95,17 @@ class Launcher:
             self._kill_all()
             listener.close()
             remove_uds(self.server_cfg)
+            if self.load_table is not None:
+                self.load_table.close()
             run_dir.remove()
+
+    def _log_share(self) -> None:
+        logger.info("cpu budget: %s", self.share.describe())
+        for note in self.share.notes:
+            logger.warning("%s", note)
+        _, kept = thread_environment(self.share, os.environ)
+        for name, value in kept.items():
+            logger.warning("%s=%s is set in the environment: API servers keep it", name, value)
 
     def _write_configs(self, run_dir: str) -> None:
         address = transport.engine_address(run_dir)
@@ -98,6 +121,8 @@ class Launcher:
             with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
                 f.write(msgspec.json.encode(cfg))
         self.run_dir = run_dir
+        self.load_table_path = os.path.join(run_dir, "load.table")
+        self.load_table = LoadTable.create(self.load_table_path, self.share.api_server_count)
 
     def _serve(self, close_listener: Callable[[], None]) -> int:
         engine_cmd = [sys.executable, "-m", "engine_core", "--config"]
@@ -108,7 +133,7 @@ class Launcher:
         code = self._wait_engine_ready(self.engine)
         if code is not None:
             return self._stop(code)
-        for index in range(self.server_cfg.api_server_count):
+        for index in range(self.share.api_server_count):
             self._spawn_server(index)
         code = self._wait_servers_ready()
         if code is not None:
@@ -196,6 +221,7 @@ class Launcher:
     def _spawn_server(self, index: int) -> None:
         cmd = [sys.executable, "-m", "apiserver.server", "--config", f"{self.run_dir}/server.json"]
         cmd += ["--index", str(index), "--listen-fd", str(self.listen_fd)]
+        cmd += ["--load-table", self.load_table_path]
         cmd += ["--ready-fd", "{ready_fd}", "--parent-pid", str(os.getpid())]
         child = spawn(
             f"api server {index}",
@@ -252,6 +278,8 @@ class Launcher:
 
     def _schedule_respawn(self, child: Child) -> None:
         index = next(i for i, c in self.servers.items() if c is child)
+        assert self.load_table is not None
+        self.load_table.clear(index)  # its connections died with it
         try:
             multiprocess.mark_process_dead(child.pid, self.server_cfg.metrics_dir)
         except OSError as e:

@@ -220,11 +220,18 @@ class MediaFetcher:
         return too_large(self._config.max_media_bytes)
 
 
-def open_image(media: MediaBytes, max_bytes: int, max_pixels: int) -> Image.Image:
-    """Bytes -> a lazily opened image: only its header is read, and its pixel count checked
-    (decompression bombs). Blocking (base64 decoding)."""
-    data = decode_base64(media.payload, max_bytes) if media.is_base64 else media.payload
-    assert isinstance(data, bytes)
+def image_bytes(media: MediaBytes, max_bytes: int) -> bytes:
+    """The image file's bytes, as the client sent them (a ``data:`` URL's base64 decoded).
+    Blocking (base64 decoding)."""
+    if media.is_base64:
+        return decode_base64(media.payload, max_bytes)
+    assert isinstance(media.payload, bytes)
+    return media.payload
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """An image file's bytes -> a lazily opened image: only its header is read, and its pixel
+    count checked (decompression bombs)."""
     try:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:

@@ -1,15 +1,23 @@
 """Process entry of one API server:
 
-``python -m apiserver.server --config PATH --index I --listen-fd FD [--ready-fd FD]
-[--parent-pid PID]``
+``python -m apiserver.server --config PATH --index I --listen-fd FD [--load-table PATH]
+[--ready-fd FD] [--parent-pid PID]``
 
-Reads the ServerConfig JSON, connects to the engine (HELLO/READY), loads the model's tokenizer
-and processor, then serves the inherited listening socket with uvicorn (uvloop + httptools)
-and writes one byte to ``--ready-fd`` once it accepts. SIGTERM (or SIGHUP, SIGINT): uvicorn
-stops accepting and lets in-flight requests finish for ``shutdown_timeout`` seconds; the
+Reads the ServerConfig JSON, sizes its threads to its share of the cores (before torch is
+imported: ``apiserver.cpu_budget``), connects to the engine (HELLO/READY), loads the model's
+tokenizer and processor, then serves the inherited listening socket with uvicorn (uvloop +
+httptools behind ``apiserver.http_guard``), accepting through ``apiserver.acceptor`` so that
+connections spread evenly over the servers that share ``--load-table``, and writes one byte to
+``--ready-fd`` once it accepts.
+
+SIGTERM (or SIGHUP, SIGINT): for ``shutdown_delay`` seconds it goes on serving with /ready at
+503 (a load balancer takes the host out of rotation); then it stops accepting, closes each
+connection after its next response for up to ``DRAIN_SHED_S`` (clients move to the other
+servers), and uvicorn lets in-flight requests finish for ``shutdown_timeout`` seconds; the
 lifespan shutdown then aborts whatever is left in the engine; exit status 0. Exit status 1:
-the engine client cannot go on (the engine was replaced, or its socket failed); 3: the event
-loop was stuck (``apiserver.watchdog``). The launcher respawns the server either way.
+the engine client cannot go on (the engine was replaced, or its socket failed); 2: a bad
+configuration; 3: the event loop was stuck (``apiserver.watchdog``). The launcher respawns the
+server whatever the status.
 """
 
 from __future__ import annotations
@@ -33,7 +41,11 @@ import msgspec
 import uvicorn
 import uvloop
 
+from apiserver import cpu_budget
+from apiserver.acceptor import Acceptor, counted_protocol
 from apiserver.config import ServerConfig
+from apiserver.load_table import LoadTable
+from apiserver.spread import Balancer, ShedMiddleware
 from ipc.lifecycle import die_with_parent, name_process
 
 if TYPE_CHECKING:  # imported for real in _serve, after PROMETHEUS_MULTIPROC_DIR is set
@@ -44,6 +56,9 @@ log = logging.getLogger("apiserver")
 _HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 #: File descriptors besides client connections: ZeroMQ, pipes, model and media files.
 FD_HEADROOM = 256
+#: On SIGTERM, how long connections get to close after their next response before uvicorn
+#: closes the idle ones (capped by ``shutdown_timeout``).
+DRAIN_SHED_S = 2.0
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -51,6 +66,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", required=True, help="ServerConfig JSON file")
     p.add_argument("--index", type=int, required=True, help="this server's client index")
     p.add_argument("--listen-fd", type=int, required=True, help="inherited listening socket")
+    p.add_argument("--load-table", help="the launcher's load table (see apiserver.load_table)")
     p.add_argument("--ready-fd", type=int, help="write one byte here once serving")
     p.add_argument("--parent-pid", type=int, help="exit when this process dies")
     return p.parse_args(argv)
@@ -77,9 +93,17 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s %(levelname)s api-server-{args.index} %(name)s: %(message)s",
     )
     _raise_fd_limit(config.max_connections + FD_HEADROOM)
+    try:
+        share = _size_threads(config)
+        table, row = _load_table(args.load_table, args.index, share.api_server_count)
+    except (cpu_budget.BudgetError, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        return 2
     sock = socket.socket(fileno=args.listen_fd)
     try:
-        return uvloop.run(_serve(config, args.index, sock, args.ready_fd))
+        return uvloop.run(
+            _serve(config, args.index, sock, args.ready_fd, share, Balancer(table, row))
+        )
     except (TimeoutError, ConnectionError, OSError) as exc:
         # No engine, an incompatible one, or no tokenizer at READY's model path.
         log.error("cannot start: %s", exc)
@@ -106,8 +130,38 @@ def _raise_fd_limit(wanted: int) -> None:
         )
 
 
+def _size_threads(config: ServerConfig) -> cpu_budget.CpuShare:
+    """This server's share of the cores, applied to the math libraries before torch loads.
+    The launcher already logged its plan and corrections."""
+    share = cpu_budget.plan(config, cpu_budget.usable_cores())
+    kept = cpu_budget.apply_environment(share, os.environ)
+    cpu_budget.apply_torch_threads(share)
+    log.info(
+        "%d render worker(s), %d math thread(s)%s",
+        share.render_workers,
+        share.threads,
+        "".join(f"; {k}={v} kept from the environment" for k, v in kept.items()),
+    )
+    return share
+
+
+def _load_table(path: str | None, index: int, rows: int) -> tuple[LoadTable, int]:
+    """The shared table and this server's row in it; a private one-row table without a
+    launcher."""
+    if path is None:
+        return LoadTable.private(), 0
+    if not 0 <= index < rows:
+        raise OSError(f"--index {index} has no row in a load table of {rows}")
+    return LoadTable.open(path, rows), index
+
+
 async def _serve(
-    config: ServerConfig, index: int, sock: socket.socket, ready_fd: int | None
+    config: ServerConfig,
+    index: int,
+    sock: socket.socket,
+    ready_fd: int | None,
+    share: cpu_budget.CpuShare,
+    balancer: Balancer,
 ) -> int:
     """Serve until SIGTERM (0) or until the engine client cannot go on (1)."""
     # Imported here: they import prometheus_client, which must see PROMETHEUS_MULTIPROC_DIR.
@@ -133,7 +187,9 @@ async def _serve(
     )
     try:
         ready = await client.start(config.engine_ready_timeout)
-        renderer = await asyncio.to_thread(Renderer.load, ready.model, ready, config)
+        renderer = await asyncio.to_thread(
+            Renderer.load, ready.model, ready, config, share.render_workers
+        )
     except BaseException:
         await client.close()
         raise
@@ -148,7 +204,7 @@ async def _serve(
         config, index, name, ready, client, renderer, MediaFetcher(config), admission
     )
     uv_config = uvicorn.Config(
-        build_app(ctx),
+        ShedMiddleware(build_app(ctx), balancer),
         loop="none",
         http=guarded_protocol(HttpLimits.from_config(config)),
         ws="none",
@@ -160,21 +216,32 @@ async def _serve(
         # uvicorn annotates int, but hands it to asyncio.wait_for: fractions of seconds work.
         timeout_graceful_shutdown=config.shutdown_timeout,  # type: ignore[arg-type]
     )
-    server = _ReadyServer(uv_config, ready_fd, ctx)
+    server = _ReadyServer(uv_config, ready_fd, ctx, sock, balancer)
     server.should_exit = bool(fatal)
-    await server.serve(sockets=[sock])
+    await server.serve(sockets=[])
     return 1 if fatal else 0
 
 
 class _ReadyServer(uvicorn.Server):
-    """uvicorn's Server, telling the launcher once it accepts connections, and draining in two
-    phases on SIGTERM: first ``shutdown_delay`` seconds of serving with /ready at 503 (a load
-    balancer takes the host out of rotation meanwhile), then uvicorn's own graceful stop."""
+    """uvicorn's Server accepting through an ``Acceptor``, telling the launcher once it does,
+    and draining in two phases on SIGTERM: first ``shutdown_delay`` seconds of serving with
+    /ready at 503 (a load balancer takes the host out of rotation meanwhile), then the
+    acceptor's drain and uvicorn's own graceful stop."""
 
-    def __init__(self, config: uvicorn.Config, ready_fd: int | None, ctx: ServerContext) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        ready_fd: int | None,
+        ctx: ServerContext,
+        listener: socket.socket,
+        balancer: Balancer,
+    ) -> None:
         super().__init__(config)
         self._ready_fd = ready_fd
         self._ctx = ctx
+        self._listener = listener
+        self._balancer = balancer
+        self._acceptor: Acceptor | None = None
         self._stop_accepting_at: float | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -185,11 +252,6 @@ class _ReadyServer(uvicorn.Server):
         self._ctx.draining = True
         self._stop_accepting_at = time.monotonic() + delay
         log.info("draining: /ready answers 503; accepting for %g s more", delay)
-
-    async def on_tick(self, counter: int) -> bool:
-        if self._stop_accepting_at is not None and time.monotonic() >= self._stop_accepting_at:
-            self.should_exit = True
-        return await super().on_tick(counter)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -203,12 +265,40 @@ class _ReadyServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets=sockets)
-        if self.started and self._ready_fd is not None:
+        # No sockets for uvicorn: it runs the lifespan and leaves accepting to the Acceptor.
+        await super().startup(sockets=[])
+        if not self.started:
+            return
+        factory = counted_protocol(self.config, self, self._balancer)
+        self._acceptor = Acceptor(self._listener, factory, self._balancer)
+        self._acceptor.start()
+        self.servers.append(self._acceptor)  # type: ignore[arg-type]  # closed by shutdown
+        if self._ready_fd is not None:
             os.write(self._ready_fd, b"1")
             os.close(self._ready_fd)
             self._ready_fd = None
 
+    async def on_tick(self, counter: int) -> bool:
+        # uvicorn ticks ten times a second: beat on its once-a-second tick, no timer of ours.
+        if counter % 10 == 0:
+            self._balancer.heartbeat()
+        if self._stop_accepting_at is not None and time.monotonic() >= self._stop_accepting_at:
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self._acceptor is not None:
+            grace = self.config.timeout_graceful_shutdown or 0
+            await self._acceptor.drain(min(DRAIN_SHED_S, grace))
+        await super().shutdown(sockets=sockets)
+
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    # Past this point only the interpreter's teardown is left: seconds of garbage collection
+    # over torch and transformers, which the launcher's replacement for this server would
+    # wait out (8 s measured on the 2-core CI machine). Sockets and pools are closed by now.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

@@ -15,7 +15,6 @@ import traceback
 from types import FrameType
 
 import msgspec
-import torch
 
 from engine_core.batch import RunnerFacts
 from engine_core.core import EngineCore
@@ -44,11 +43,8 @@ def _load_config(path: str) -> EngineConfig:
     return config
 
 
-def ready_message(config: EngineConfig, facts: RunnerFacts, device: torch.device) -> messages.Ready:
+def ready_message(config: EngineConfig, facts: RunnerFacts) -> messages.Ready:
     """READY facts for API servers, from what the runner learned at load time."""
-    dtype = config.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
     return messages.Ready(
         protocol_version=messages.PROTOCOL_VERSION,
         model=config.model,
@@ -61,7 +57,7 @@ def ready_message(config: EngineConfig, facts: RunnerFacts, device: torch.device
         supports_generation=facts.supports_generation,
         eos_token_ids=list(facts.eos_token_ids),
         engine_pid=os.getpid(),
-        pixel_dtype=dtype,
+        pixel_dtype=facts.pixel_dtype,
         image_token_id=facts.image_token_id,
         scheduling_policy=config.scheduling_policy,
     )
@@ -102,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         runner = load_runner(config)
-        ready = ready_message(config, runner.facts, runner.device)
+        ready = ready_message(config, runner.facts)
         io = EngineIO(config.engine_address, ready, signal_fd=signal_r)
     except Exception:  # no client is connected yet: the launcher sees the exit status
         logger.error("engine startup failed:\n%s", traceback.format_exc())

@@ -54,3 +54,5 @@ class RunnerFacts:
     supports_embeddings: bool
     supports_generation: bool
     image_token_id: int | None
+    #: ``Ready.pixel_dtype``: how API servers send image pixels.
+    pixel_dtype: str = "float32"

@@ -62,3 +62,11 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             "priority: lower priority values first, preempting running requests (vLLM's rule)"
         ),
     ] = "fcfs"
+    pixel_transfer: Annotated[
+        Literal["auto", "uint8", "normalized"],
+        Meta(
+            description="how API servers send image pixels: uint8 patches that the engine "
+            "rescales and normalizes on its device (auto, where the model's image processor is "
+            "transformers' torchvision one), or normalized in the vision tower's dtype"
+        ),
+    ] = "auto"

@@ -149,9 +149,10 @@ class Ready(_Msg):
     supports_generation: bool
     eos_token_ids: list[int] = []
     engine_pid: int = 0
-    #: dtype the vision tower runs in; API servers cast pixel tensors to it before sending
-    #: (the smallest form that gives the engine exactly what it would compute with anyway).
-    pixel_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    #: How API servers send pixel patches: "uint8" straight from the image processor run
+    #: without rescaling and normalizing (the engine does both on its device, exactly), or
+    #: normalized in this dtype, the vision tower's. Either is the smallest exact form.
+    pixel_dtype: Literal["float32", "bfloat16", "float16", "uint8"] = "float32"
     image_token_id: int | None = None
     #: ``EngineConfig.scheduling_policy``: API servers refuse a nonzero priority under fcfs.
     scheduling_policy: Literal["fcfs", "priority"] = "fcfs"

@@ -63,8 +63,10 @@ def check_image(
     merge: int,
     patch_dim: int,
     is_cached: bool,
+    accepts_uint8: bool = False,
 ) -> str | None:
-    """Grid, pixel tensor shape, and the placeholder span of one image."""
+    """Grid, pixel tensor dtype and shape, and the placeholder span of one image. Pixels are
+    floating point (normalized), or uint8 when the engine normalizes them itself."""
     if item.modality != "image":
         return f"unsupported modality {item.modality!r}"
     t, h, w = item.grid_thw
@@ -84,8 +86,12 @@ def check_image(
     pixels = item.pixel_values
     if pixels is None:
         return None if is_cached else f"unknown image hash {item.content_hash!r} (send the pixels)"
-    if not isinstance(pixels, torch.Tensor) or not pixels.is_floating_point():
-        return "pixel_values must be a floating-point tensor"
+    if not isinstance(pixels, torch.Tensor) or not (
+        pixels.is_floating_point() or (accepts_uint8 and pixels.dtype == torch.uint8)
+    ):
+        wanted = "uint8 or floating-point" if accepts_uint8 else "floating-point"
+        got = pixels.dtype if isinstance(pixels, torch.Tensor) else type(pixels).__name__
+        return f"pixel_values must be a {wanted} tensor, not {got}"
     if tuple(pixels.shape) != (patches, patch_dim):
         return (
             f"pixel_values of shape {tuple(pixels.shape)} disagree with grid "
@@ -100,6 +106,7 @@ def check_images(
     merge: int,
     patch_dim: int,
     cached: Container[str],
+    accepts_uint8: bool = False,
 ) -> str | None:
     """All images of a request: supported, valid, non-overlapping, covering every placeholder."""
     ids = request.prompt_token_ids
@@ -108,7 +115,7 @@ def check_images(
     covered = np.zeros(ids.size, dtype=bool)
     for item in request.mm_items:
         error = check_image(
-            item, ids, image_token_id, merge, patch_dim, item.content_hash in cached
+            item, ids, image_token_id, merge, patch_dim, item.content_hash in cached, accepts_uint8
         )
         if error:
             return error

@@ -18,6 +18,7 @@ from engine_core.model.encoder_cache import EncoderCache
 from engine_core.model.errors import ModelLoadError
 from engine_core.model.kv_cache import allocate, bytes_per_token, count_slots
 from engine_core.model.loader import iter_tensors
+from engine_core.model.pixels import PixelInput
 from engine_core.model.qwen2 import Decoder
 from engine_core.model.request_state import RequestState
 from engine_core.model.rope import RotaryEmbedding
@@ -41,7 +42,7 @@ class DecoderRunner(ModelRunner):
         self.device, self.dtype = device, dtype
         self.use_flash = can_use_flash(device, dtype)
         self.max_model_len = self._max_model_len(config)
-        self.decoder, self.vision = self._load(config.model)
+        self.decoder, self.vision = self._load(config)
         self.rotary = RotaryEmbedding(
             self.spec.text_config, self.spec.head_dim, self.spec.mrope_section
         ).to(device)
@@ -71,6 +72,7 @@ class DecoderRunner(ModelRunner):
             supports_embeddings=True,
             supports_generation=True,
             image_token_id=self.spec.image_token_id,
+            pixel_dtype=self.vision.pixel_input.wire_dtype if self.vision else "float32",
         )
 
     def _use_graphs(self, config: EngineConfig) -> bool:
@@ -86,8 +88,9 @@ class DecoderRunner(ModelRunner):
         return config.max_model_len or limit
 
     @torch.no_grad()
-    def _load(self, model_dir: str) -> tuple[Decoder, VisionEncoder | None]:
+    def _load(self, config: EngineConfig) -> tuple[Decoder, VisionEncoder | None]:
         """The decoder and, for VL models, the vision tower, with the checkpoint's weights."""
+        model_dir = config.model
         # Built on the meta device: every parameter is then loaded from the checkpoint, so
         # random initialisation would be wasted work.
         with torch.device("meta"):
@@ -98,8 +101,11 @@ class DecoderRunner(ModelRunner):
         decoder.load_weights([t for t in tensors if not t.key.startswith("visual.")], model_dir)
         vision = None
         if self.spec.vision_config is not None:
+            pixels = PixelInput.for_model(
+                model_dir, self.spec.vision_config, self.device, self.dtype, config.pixel_transfer
+            )
             vision = VisionEncoder(
-                self.spec.model_type, self.spec.vision_config, self.dtype, self.device
+                self.spec.model_type, self.spec.vision_config, self.dtype, self.device, pixels
             )
             vision.load_weights([t for t in tensors if t.key.startswith("visual.")], model_dir)
         return decoder.eval(), vision
@@ -140,11 +146,12 @@ class DecoderRunner(ModelRunner):
     def check_request(self, request: EngineRequest) -> str | None:
         merge = self.vision.merge_size if self.vision else 1
         patch_dim = self.vision.patch_dim if self.vision else 0
+        uint8 = self.vision is not None and self.vision.pixel_input.accepts_uint8
         error = (
             checks.check_kind(request, True, True, _POOLINGS)
             or checks.check_tokens(request, self.spec.vocab_size, self.max_model_len)
             or checks.check_images(
-                request, self.spec.image_token_id, merge, patch_dim, self.encoder_cache
+                request, self.spec.image_token_id, merge, patch_dim, self.encoder_cache, uint8
             )
         )
         if error is None:

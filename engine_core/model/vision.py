@@ -8,6 +8,7 @@ from transformers import PretrainedConfig
 
 from engine_core.model.errors import ModelLoadError
 from engine_core.model.loader import CheckpointTensor, copy_into
+from engine_core.model.pixels import PixelInput
 
 
 def _tower_class(model_type: str) -> type[nn.Module]:
@@ -28,13 +29,19 @@ class VisionEncoder:
     """pixel patches + grid -> image embeddings at the decoder's hidden size."""
 
     def __init__(
-        self, model_type: str, config: PretrainedConfig, dtype: torch.dtype, device: torch.device
+        self,
+        model_type: str,
+        config: PretrainedConfig,
+        dtype: torch.dtype,
+        device: torch.device,
+        pixel_input: PixelInput,
     ) -> None:
         with device:
             self.tower = _tower_class(model_type)._from_config(config, dtype=dtype)
         self.tower.eval()
         self.dtype = dtype
         self.device = device
+        self.pixel_input = pixel_input
         self.merge_size: int = config.spatial_merge_size
         self.patch_dim: int = (
             config.in_channels * config.temporal_patch_size * config.patch_size * config.patch_size
@@ -60,7 +67,7 @@ class VisionEncoder:
     def encode(self, pixel_values: torch.Tensor, grid_thw: tuple[int, int, int]) -> torch.Tensor:
         """pixel_values (t*h*w, C*T*P*P) of one image -> (t*h*w / merge^2, hidden)."""
         grid = torch.tensor([grid_thw], dtype=torch.int64, device=self.device)
-        pixels = pixel_values.to(self.device, self.dtype, non_blocking=True)
+        pixels = self.pixel_input.to_tower(pixel_values)
         out = self.tower(pixels, grid_thw=grid)
         # transformers >= 5.2x returns a ModelOutput (merged states in pooler_output); older
         # 5.x releases return the merged tensor itself.

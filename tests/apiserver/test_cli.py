@@ -60,6 +60,14 @@ def test_unset_flags_keep_struct_defaults() -> None:
     assert engine.max_num_seqs == 64 and engine.max_model_len is None
 
 
+def test_cpu_flags_take_a_number_or_auto() -> None:
+    server, _ = _configs("--api-server-count", "auto", "--renderer-num-workers", "3")
+    assert server.api_server_count == "auto" and server.renderer_num_workers == 3
+    assert server.api_server_threads == "auto" and server.engine_cpu_cores == "auto"
+    server, _ = _configs("--api-server-threads", "2", "--engine-cpu-cores", "0")
+    assert server.api_server_threads == 2 and server.engine_cpu_cores == 0
+
+
 def test_api_key_from_env_and_flag_wins() -> None:
     server, _ = _configs(env={"FANIN_API_KEY": "from-env"})
     assert server.api_key == "from-env"
@@ -75,6 +83,11 @@ def test_api_key_from_env_and_flag_wins() -> None:
         (["--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization"),
         (["--dtype", "int8"], "--dtype"),
         (["--api-server-count", "two"], "--api-server-count"),
+        (["--api-server-count", "0"], "--api-server-count"),
+        (["--renderer-num-workers", "some"], "--renderer-num-workers"),
+        # past what the cores can use (this machine has at most a few dozen)
+        (["--api-server-count", "256"], "--api-server-count"),
+        (["--engine-cpu-cores", "100000"], "--engine-cpu-cores"),
         (["--log-level", "loud"], "--log-level"),
     ],
 )

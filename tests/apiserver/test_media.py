@@ -16,7 +16,7 @@ import pytest
 
 from apiserver.config import ServerConfig
 from apiserver.errors import ApiError
-from apiserver.media import MAX_REDIRECTS, MediaBytes, MediaFetcher, decode_base64, open_image
+from apiserver.media import MAX_REDIRECTS, MediaBytes, MediaFetcher, decode_base64, image_bytes
 
 ADDRESSES = {
     "public.example": "93.184.216.34",
@@ -145,7 +145,7 @@ def test_data_url_rules() -> None:
     with pytest.raises(ApiError, match="larger than 4096"):  # exact once decoded
         decode_base64(media.payload, 4096)
     with pytest.raises(ApiError, match="base64"):
-        open_image(MediaBytes("!!!!", is_base64=True), 4096, 10)
+        image_bytes(MediaBytes("!!!!", is_base64=True), 4096)
 
 
 def test_data_urls_as_vllm_accepts_them() -> None:

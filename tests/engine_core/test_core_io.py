@@ -33,7 +33,7 @@ class Engine:
     def __init__(self, run_dir: Path, runner: FakeRunner) -> None:
         self.address = transport.engine_address(str(run_dir))
         self.config = EngineConfig(model="fake", engine_address=self.address)
-        self.io = EngineIO(self.address, ready_message(self.config, runner.facts, runner.device))
+        self.io = EngineIO(self.address, ready_message(self.config, runner.facts))
         self.core = EngineCore(self.config, runner, Sampler(0, runner.device), self.io)  # type: ignore[arg-type]
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)

@@ -177,8 +177,10 @@ def start_fanin(
     *flags: str,
     env: dict[str, str] | None = None,
     port: int | None = None,
+    cpus: set[int] | None = None,
 ) -> Fanin:
-    """Start `fanin serve` on loopback (``port``, or a free one) and wait for its READY=1."""
+    """Start `fanin serve` on loopback (``port``, or a free one; on the CPUs ``cpus`` only, if
+    given) and wait for its READY=1."""
     port = port or free_port()
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify_path = tmp_path / f"notify-{port}.sock"
@@ -193,6 +195,7 @@ def start_fanin(
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {}), "NOTIFY_SOCKET": str(notify_path)},
+            preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus),
         )
     fanin = Fanin(proc, port, notify, log_path)
     try:

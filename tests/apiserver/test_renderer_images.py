@@ -1,0 +1,145 @@
+"""The renderer's image path in-process, with the default model's tokenizer and processor:
+uint8 patches straight from the processor travel to the socket without a copy, float ones
+in the dtype READY asks for; the content hash comes from the image file's bytes and the
+processor settings, not from the pixels."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+from apiserver.config import ServerConfig
+from apiserver.errors import ApiError
+from apiserver.media import MediaBytes
+from apiserver.renderer import Prompt, Renderer
+from ipc import messages
+from ipc.codec import Encoder
+
+CHAT = [
+    {
+        "role": "user",
+        "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "compare"}],
+    }
+]
+
+
+def _jpeg(array: np.ndarray, size: tuple[int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).convert("RGB").resize(size).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+COFFEE = _jpeg(skimage.data.coffee(), (320, 240))
+ROCKET = _jpeg(skimage.data.rocket(), (256, 192))
+
+
+def _ready(model: Path, pixel_dtype: str) -> messages.Ready:
+    config = json.loads((model / "config.json").read_text())
+    return messages.Ready(
+        protocol_version=messages.PROTOCOL_VERSION,
+        model=str(model),
+        max_model_len=8192,
+        vocab_size=int(config["text_config"]["vocab_size"]),
+        kv_capacity_tokens=8192,
+        max_num_seqs=4,
+        supports_images=True,
+        supports_embeddings=True,
+        supports_generation=True,
+        pixel_dtype=pixel_dtype,  # type: ignore[arg-type]
+        image_token_id=int(config["image_token_id"]),
+    )
+
+
+def _renderer(model: Path, pixel_dtype: str, processor: Any = None) -> Renderer:
+    return Renderer(
+        AutoTokenizer.from_pretrained(model),
+        processor or AutoProcessor.from_pretrained(model),
+        _ready(model, pixel_dtype),
+        ServerConfig(),
+        1,
+    )
+
+
+def _render(renderer: Renderer, *media: MediaBytes) -> Prompt:
+    try:
+        return renderer._chat_blocking(CHAT, list(media), True)
+    finally:
+        renderer.close()
+
+
+def test_uint8_patches_reach_the_wire_without_a_copy(default_model_dir: Path) -> None:
+    prompt = _render(_renderer(default_model_dir, "uint8"), MediaBytes(COFFEE), MediaBytes(ROCKET))
+    first, second = (item.pixel_values for item in prompt.mm_items)
+    assert first is not None and second is not None
+    assert first.dtype == second.dtype == torch.uint8
+    # Both images are views of the processor's one output tensor...
+    assert first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()
+    assert second.data_ptr() == first.data_ptr() + first.numel()
+    # ...and the encoder's frames are views of them in turn (pyzmq sends them with copy=False).
+    request = messages.EngineRequest("r", prompt.token_ids, prompt.mm_items)
+    frames = Encoder().encode(request)
+    pointers = {np.frombuffer(f, np.uint8).ctypes.data for f in frames[2:] if len(f) > 1000}
+    assert pointers >= {first.data_ptr(), second.data_ptr()}
+
+
+def test_float_pixels_take_the_dtype_ready_asks_for(default_model_dir: Path) -> None:
+    prompt = _render(
+        _renderer(default_model_dir, "bfloat16"), MediaBytes(COFFEE), MediaBytes(ROCKET)
+    )
+    uint8 = _render(_renderer(default_model_dir, "uint8"), MediaBytes(COFFEE), MediaBytes(ROCKET))
+    for item, raw in zip(prompt.mm_items, uint8.mm_items, strict=True):
+        assert item.pixel_values is not None and raw.pixel_values is not None
+        assert item.pixel_values.dtype == torch.bfloat16
+        assert item.pixel_values.shape == raw.pixel_values.shape
+        assert item.grid_thw == raw.grid_thw
+
+
+def test_content_hash_is_of_the_bytes_and_the_settings(
+    default_model_dir: Path, tmp_path: Path
+) -> None:
+    renderer = _renderer(default_model_dir, "uint8")
+    b64 = MediaBytes(base64.b64encode(COFFEE).decode(), is_base64=True)
+    hashes = [i.content_hash for i in _render(renderer, MediaBytes(COFFEE), b64).mm_items]
+    assert hashes[0] == hashes[1]  # the same file, sent raw or as a data: URL
+    again = _render(_renderer(default_model_dir, "uint8"), b64, MediaBytes(ROCKET)).mm_items
+    assert again[0].content_hash == hashes[0] and again[1].content_hash != hashes[0]
+    # Other pixels from the same bytes: the form on the wire, or a processor setting.
+    as_bf16 = _render(_renderer(default_model_dir, "bfloat16"), b64, b64).mm_items
+    assert as_bf16[0].content_hash != hashes[0]
+    other = tmp_path / "model"
+    shutil.copytree(default_model_dir, other)
+    path = other / "processor_config.json"
+    config = json.loads(path.read_text())
+    config["image_processor"]["size"]["longest_edge"] //= 2
+    path.write_text(json.dumps(config))
+    smaller = _render(_renderer(other, "uint8"), b64, b64).mm_items
+    assert smaller[0].content_hash != hashes[0]
+
+
+def test_uint8_needs_the_torchvision_processor(default_model_dir: Path) -> None:
+    processor = AutoProcessor.from_pretrained(default_model_dir)
+    processor.image_processor = AutoImageProcessor.from_pretrained(default_model_dir, backend="pil")
+    with pytest.raises(RuntimeError, match="torchvision image processor"):
+        _renderer(default_model_dir, "uint8", processor)
+    _renderer(default_model_dir, "float32", processor).close()  # float pixels: any processor
+
+
+def test_float_pixels_where_uint8_was_asked_for_are_refused(default_model_dir: Path) -> None:
+    renderer = _renderer(default_model_dir, "uint8")
+    ids = np.array([renderer._ready.image_token_id] * 4, dtype=np.int64)
+    try:
+        with pytest.raises(ApiError, match="returned torch.float32 pixels, not uint8"):
+            renderer._with_images(ids, torch.zeros(16, 1176), torch.tensor([[1, 4, 4]]), ["h"])
+    finally:
+        renderer.close()
