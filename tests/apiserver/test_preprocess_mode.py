@@ -29,7 +29,7 @@ READY = Ready(
 
 
 def _thread_of_render(config: ServerConfig) -> str:
-    renderer = Renderer(tokenizer=None, processor=None, ready=READY, config=config)
+    renderer = Renderer(tokenizer=None, processor=None, ready=READY, config=config, num_workers=2)
 
     async def main() -> str:
         return await renderer.run(lambda: threading.current_thread().name)
@@ -50,7 +50,7 @@ def test_inline_mode_renders_on_the_event_loop_thread() -> None:
 
 
 def test_inline_mode_still_refuses_past_the_pending_limit() -> None:
-    renderer = Renderer(None, None, READY, ServerConfig(preprocess_mode="inline"))
+    renderer = Renderer(None, None, READY, ServerConfig(preprocess_mode="inline"), 1)
     renderer._pending = renderer._config.max_pending_renders
     with pytest.raises(ApiError) as err:
         asyncio.run(renderer.run(int))

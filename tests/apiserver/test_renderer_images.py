@@ -73,7 +73,7 @@ def _renderer(model: Path, pixel_dtype: str, processor: Any = None) -> Renderer:
 
 def _render(renderer: Renderer, *media: MediaBytes) -> Prompt:
     try:
-        return renderer._chat_blocking(CHAT, list(media), True)
+        return renderer._chat_blocking(CHAT, list(media), True, 16)
     finally:
         renderer.close()
 
