@@ -1,14 +1,77 @@
 """Admission control: decide from counters alone, before a request's body is read, whether
-this server can take it. Turning work away early (429 + Retry-After) keeps latency bounded for
-what is admitted and costs the loop nothing."""
+this host can take it. Turning work away early (429 + Retry-After) keeps latency bounded for
+what is admitted and costs the loop a few microseconds.
+
+A request is *pending* from its admission until it runs in the engine: waiting for a render
+thread, rendering, on the wire, or in the engine's waiting queue. The limits, checked in turn:
+
+1. this server's requests in flight (``--max-inflight-requests``);
+2. this server's render queue (``--max-pending-renders``);
+3. the host's pending requests (``--max-pending-requests``): each API server publishes its own
+   not-yet-sent ones in the shared load table, and the engine's queue arrives with every output
+   batch and heartbeat, so the limit holds over all N servers without asking the engine;
+4. the wait a new request can expect (``--max-queue-wait``): the host's pending requests over
+   the rate the engine has been draining them, measured while there was a queue to drain (an
+   idle host says nothing of its capacity, so idle time leaves the estimate alone);
+5. prompt tokens waiting in the engine (``--max-queued-tokens``).
+
+``Retry-After`` is the time the measured drain rate needs to make room (at least 1 s, at most
+``MAX_RETRY_AFTER_S``), not a constant: clients that honour it come back when they can be
+served.
+"""
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable
 
+from apiserver.config import ServerConfig
 from apiserver.errors import ApiError
+from apiserver.load_table import LoadTable
+from ipc.messages import EngineLoad
 
-RETRY_AFTER_S = 1
+MAX_RETRY_AFTER_S = 30
+#: The drain rate is measured over windows at least this long (output batches come every
+#: engine step, heartbeats every 0.5 s).
+DRAIN_WINDOW_S = 0.5
+#: Weight of the newest window in the drain rate's moving average.
+DRAIN_SMOOTHING = 0.3
+
+
+class DrainRate:
+    """Requests per second the engine starts running while the host has a queue, from the
+    engine's cumulative ``num_admitted`` (robust to snapshots that never arrived)."""
+
+    def __init__(self) -> None:
+        self.per_s: float | None = None
+        self._since: float | None = None
+        self._admitted = 0
+        self._was_backlogged = False
+
+    def observe(self, admitted: int, backlogged: bool, now: float) -> None:
+        """Note the engine's count and whether requests are pending now."""
+        if self._since is None or admitted < self._admitted:  # first sight, or a new engine
+            self._since, self._admitted, self._was_backlogged = now, admitted, backlogged
+            return
+        elapsed = now - self._since
+        if elapsed < DRAIN_WINDOW_S:
+            self._was_backlogged = self._was_backlogged and backlogged
+            return
+        if self._was_backlogged and backlogged:  # a queue all through the window
+            rate = (admitted - self._admitted) / elapsed
+            self.per_s = (
+                rate
+                if self.per_s is None
+                else (DRAIN_SMOOTHING * rate + (1 - DRAIN_SMOOTHING) * self.per_s)
+            )
+        self._since, self._admitted, self._was_backlogged = now, admitted, backlogged
+
+    def seconds_for(self, requests: float) -> float | None:
+        """How long draining ``requests`` takes at the measured rate (None: not measured)."""
+        if not self.per_s:
+            return None
+        return requests / self.per_s
 
 
 class Admission:
@@ -16,39 +79,78 @@ class Admission:
 
     def __init__(
         self,
-        max_inflight: int,
-        max_engine_waiting: int,
-        engine_waiting: Callable[[], int],
+        config: ServerConfig,
+        engine_load: Callable[[], EngineLoad],
+        num_sent: Callable[[], int],
         renders_full: Callable[[], bool],
+        table: LoadTable,
+        row: int,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._max_inflight = max_inflight
-        self._max_engine_waiting = max_engine_waiting
-        self._engine_waiting = engine_waiting
+        """``num_sent``: this server's requests in the engine; ``table``/``row``: the shared
+        load table and this server's row in it."""
+        self._config = config
+        self._engine_load = engine_load
+        self._num_sent = num_sent
         self._renders_full = renders_full
+        self._table = table
+        self._row = row
+        self._clock = clock
+        self.drain = DrainRate()
         self.inflight = 0
 
     def enter(self) -> None:
         """Count one more request in flight, or raise ApiError(429) saying which limit hit."""
         self.check()
         self.inflight += 1
-
-    def check(self) -> None:
-        """Raise ApiError(429) if a new request would pass a limit now."""
-        if self.inflight >= self._max_inflight:
-            raise self._busy(f"server has {self.inflight} requests in flight")
-        if self._engine_waiting() >= self._max_engine_waiting:
-            raise self._busy("engine queue is full")
-        if self._renders_full():
-            raise self._busy("preprocessing queue is full")
+        self.refresh()
 
     def leave(self) -> None:
         self.inflight -= 1
+        self.refresh()
+
+    def check(self) -> None:
+        """Raise ApiError(429) if a new request would pass a limit now."""
+        config = self._config
+        load, pending = self._engine_load(), self.refresh()
+        if self.inflight >= config.max_inflight_requests:
+            raise self._busy(f"server has {self.inflight} requests in flight", 1)
+        if self._renders_full():
+            raise self._busy("preprocessing queue is full", 1)
+        if pending >= config.max_pending_requests:
+            excess = pending - config.max_pending_requests + 1
+            raise self._busy(f"{pending} requests are waiting", self.drain.seconds_for(excess))
+        wait = self.drain.seconds_for(pending)
+        if config.max_queue_wait > 0 and wait is not None and wait > config.max_queue_wait:
+            raise self._busy(
+                f"{pending} requests are waiting, about {wait:.1f} s of work",
+                wait - config.max_queue_wait,
+            )
+        if load.num_waiting_tokens >= config.max_queued_tokens:
+            excess = load.num_waiting_tokens - config.max_queued_tokens + 1
+            per_request = load.num_waiting_tokens / max(load.num_waiting, 1)
+            raise self._busy(
+                f"{load.num_waiting_tokens} prompt tokens are waiting",
+                self.drain.seconds_for(excess / per_request),
+            )
+
+    def refresh(self) -> int:
+        """Publish this server's pending requests for every server's limit 3, feed the drain
+        rate, and return the host's pending requests. Requests also stop pending when they
+        reach the engine, between admissions, so the server's tick (every 0.1 s) calls this
+        too: the drain rate is measured whether or not new requests arrive."""
+        self._table.publish_pending(self._row, max(0, self.inflight - self._num_sent()))
+        load = self._engine_load()
+        pending = load.num_waiting + self._table.total_pending()
+        self.drain.observe(load.num_admitted, pending > 0, self._clock())
+        return pending
 
     @staticmethod
-    def _busy(why: str) -> ApiError:
+    def _busy(why: str, retry_after_s: float | None) -> ApiError:
+        seconds = min(MAX_RETRY_AFTER_S, max(1, math.ceil(retry_after_s or 1)))
         return ApiError(
             429,
-            f"server busy ({why}); retry later",
+            f"server busy ({why}); retry after {seconds} s",
             code="rate_limit_exceeded",
-            headers={"Retry-After": str(RETRY_AFTER_S)},
+            headers={"Retry-After": str(seconds)},
         )

@@ -56,9 +56,27 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     max_inflight_requests: Annotated[
         int, Meta(ge=1, description="requests in flight per API server before 429")
     ] = 1024
-    max_engine_waiting: Annotated[
-        int, Meta(ge=1, description="requests queued in the engine before new ones get 429")
+    max_pending_requests: Annotated[
+        int,
+        Meta(
+            ge=1,
+            description="requests waiting on this host (admitted by any API server and not yet "
+            "running in the engine) before new ones get 429",
+        ),
     ] = 1024
+    max_queue_wait: Annotated[
+        float,
+        Meta(
+            ge=0,
+            description="seconds a new request may expect to wait before it runs (the host's "
+            "pending requests over the rate the engine has been draining them); above it, "
+            "429 (0: no such limit)",
+        ),
+    ] = 2.0
+    max_queued_tokens: Annotated[
+        int,
+        Meta(ge=1, description="prompt tokens waiting in the engine before new requests get 429"),
+    ] = 1 << 20
     max_request_body_bytes: Annotated[
         int, Meta(ge=1024, description="largest request body accepted (413 above)")
     ] = 64 * MiB

@@ -107,6 +107,11 @@ class EngineClient:
             return EngineLoad()
         return min((e.load for e in self._engines), key=lambda x: x.num_waiting)
 
+    @property
+    def num_streams(self) -> int:
+        """Requests of this server in the engine now."""
+        return len(self._streams)
+
     def stream(self, request: EngineRequest, deadline: Deadline) -> RequestStream:
         """The request's stream: entering it sends the request, leaving it ends it."""
         return RequestStream(self, request, deadline)

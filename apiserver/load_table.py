@@ -1,5 +1,6 @@
 """The API servers' load, in shared memory: one row per server, which every server reads to
-decide whether to accept a connection or to hand one back (``apiserver.spread``).
+decide whether to accept a connection or to hand one back (``apiserver.spread``), and whether
+the host's queue has room for a new request (``apiserver.admission``).
 
 The launcher creates the table as a file in its private run dir (removed with it) and clears
 the row of a server that exited; each server maps the file and writes only its own row, so no
@@ -15,7 +16,7 @@ import os
 import time
 
 #: int64 fields of a row; the rest of its 8 slots is padding.
-STATE, CONNECTIONS, HEARTBEAT_NS = 0, 1, 2
+STATE, CONNECTIONS, HEARTBEAT_NS, PENDING = 0, 1, 2, 3
 ROW_FIELDS = 8
 ROW_BYTES = ROW_FIELDS * 8
 
@@ -40,6 +41,7 @@ class LoadTable:
         self._states = self._cells[STATE::ROW_FIELDS]
         self._connections = self._cells[CONNECTIONS::ROW_FIELDS]
         self._heartbeats = self._cells[HEARTBEAT_NS::ROW_FIELDS]
+        self._pending = self._cells[PENDING::ROW_FIELDS]
         #: SERVING rows whose heartbeat was stale at the last ``find_stuck``.
         self._stuck: frozenset[int] = frozenset()
 
@@ -77,7 +79,7 @@ class LoadTable:
         return table
 
     def close(self) -> None:
-        for view in (self._states, self._connections, self._heartbeats, self._cells):
+        for view in (self._states, self._connections, self._heartbeats, self._pending, self._cells):
             view.release()
         self._mapping.close()
 
@@ -86,6 +88,7 @@ class LoadTable:
         self._set(index, STATE, EMPTY)
         self._set(index, CONNECTIONS, NOT_SERVING)
         self._set(index, HEARTBEAT_NS, 0)
+        self._set(index, PENDING, 0)
 
     def publish(self, index: int, state: int, connections: int) -> None:
         """Row ``index``'s state and connection count, with a fresh heartbeat."""
@@ -95,6 +98,15 @@ class LoadTable:
 
     def beat(self, index: int) -> None:
         self._set(index, HEARTBEAT_NS, time.monotonic_ns())
+
+    def publish_pending(self, index: int, pending: int) -> None:
+        """Row ``index``'s requests admitted but not yet sent to the engine (admission)."""
+        self._set(index, PENDING, pending)
+
+    def total_pending(self) -> int:
+        """Requests admitted by every server and not yet sent to the engine. Rows of servers
+        that are gone were cleared to 0; a draining server's still count."""
+        return int(sum(self._pending))
 
     def get(self, index: int, field: int) -> int:
         return int(self._cells[index * ROW_FIELDS + field])

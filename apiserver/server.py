@@ -195,10 +195,12 @@ async def _serve(
         raise
     name = config.served_model_name or os.path.basename(os.path.normpath(ready.model))
     admission = Admission(
-        config.max_inflight_requests,
-        config.max_engine_waiting,
-        lambda: client.load.num_waiting,
+        config,
+        lambda: client.load,
+        lambda: client.num_streams,
         lambda: renderer.is_full,
+        balancer.table,
+        balancer.index,
     )
     ctx = ServerContext(
         config, index, name, ready, client, renderer, MediaFetcher(config), admission
@@ -279,9 +281,11 @@ class _ReadyServer(uvicorn.Server):
             self._ready_fd = None
 
     async def on_tick(self, counter: int) -> bool:
-        # uvicorn ticks ten times a second: beat on its once-a-second tick, no timer of ours.
+        # uvicorn ticks ten times a second: beat on its once-a-second tick, and publish the
+        # pending requests on every one; no timer of ours.
         if counter % 10 == 0:
             self._balancer.heartbeat()
+        self._ctx.admission.refresh()
         if self._stop_accepting_at is not None and time.monotonic() >= self._stop_accepting_at:
             self.should_exit = True
         return await super().on_tick(counter)

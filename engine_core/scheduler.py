@@ -83,6 +83,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self._live: dict[str, Sequence] = {}
         self.num_preemptions = 0
+        self.num_admitted = 0
 
     def add(self, request: EngineRequest, client: bytes) -> bool:
         """Admit a request, or answer it at once with a 400 error output. True if admitted."""
@@ -148,6 +149,7 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             seq.slot = self._free_slots.pop()
             self.running.append(seq)
+            self.num_admitted += 1
             budget -= self._add_chunk(step, seq, take)
         return step
 
@@ -182,7 +184,13 @@ class Scheduler:
         """Load snapshot for API servers. KV usage counts slots: a taken slot is capacity gone
         however full it is."""
         used = self.facts.num_slots - len(self._free_slots)
-        return EngineLoad(len(self.running), len(self.waiting), used / self.facts.num_slots)
+        return EngineLoad(
+            len(self.running),
+            len(self.waiting),
+            used / self.facts.num_slots,
+            num_waiting_tokens=sum(s.num_pending for s in self.waiting),
+            num_admitted=self.num_admitted,
+        )
 
     def stats(self) -> dict[str, int]:
         """Counts for the ``stats`` utility call."""

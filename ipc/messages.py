@@ -164,6 +164,11 @@ class EngineLoad(_Msg, frozen=True):  # type: ignore[misc]
     num_running: int = 0
     num_waiting: int = 0
     kv_usage: float = 0.0
+    #: Prompt tokens of the waiting requests (what their prefill still costs).
+    num_waiting_tokens: int = 0
+    #: Requests that started running since the engine started, preemptions counted again: API
+    #: servers derive the rate the engine drains its queue at from its growth.
+    num_admitted: int = 0
 
 
 class TokenLogprobs(_Msg):

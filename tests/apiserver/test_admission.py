@@ -1,37 +1,132 @@
-"""Admission decides from counters alone, before a body is read."""
+"""Admission decides from counters alone, before a body is read: each limit, the host-wide
+queue shared through the load table, and Retry-After from the measured drain rate."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from apiserver.admission import Admission
+from apiserver.admission import MAX_RETRY_AFTER_S, Admission, DrainRate
+from apiserver.config import ServerConfig
 from apiserver.errors import ApiError
+from apiserver.load_table import LoadTable
+from ipc.messages import EngineLoad
 
 
-def test_each_limit_gives_429_with_retry_after() -> None:
-    state = {"waiting": 0, "full": False}
-    adm = Admission(2, 3, lambda: state["waiting"], lambda: state["full"])
-    adm.enter()
-    adm.enter()
-    with pytest.raises(ApiError) as exc:
-        adm.enter()
-    assert exc.value.status == 429 and exc.value.headers["Retry-After"] == "1"
-    adm.leave()
-    state["waiting"] = 3
-    with pytest.raises(ApiError, match="engine queue"):
-        adm.enter()
-    state["waiting"], state["full"] = 0, True
-    with pytest.raises(ApiError, match="preprocessing"):
-        adm.enter()
-    state["full"] = False
-    adm.enter()
-    assert adm.inflight == 2
+class Host:
+    """Two API servers' admissions over one load table, and a settable engine snapshot."""
+
+    def __init__(self, tmp_path: Path, **limits: object) -> None:
+        self.table = LoadTable.create(str(tmp_path / "load"), 2)
+        self.config = ServerConfig(**limits)  # type: ignore[arg-type]
+        self.load = EngineLoad()
+        self.sent = [0, 0]
+        self.renders_full = False
+        self.now = 0.0
+        self.servers = [
+            Admission(
+                self.config,
+                lambda: self.load,
+                lambda i=i: self.sent[i],
+                lambda: self.renders_full,
+                self.table,
+                i,
+                clock=lambda: self.now,
+            )
+            for i in range(2)
+        ]
+
+    def refused(self, server: int) -> ApiError:
+        with pytest.raises(ApiError) as err:
+            self.servers[server].enter()
+        assert err.value.status == 429 and err.value.code == "rate_limit_exceeded"
+        return err.value
 
 
-def test_check_refuses_without_counting() -> None:
-    adm = Admission(1, 3, lambda: 0, lambda: False)
-    adm.check()
-    assert adm.inflight == 0
-    adm.enter()
+def test_each_limit_gives_429_naming_it(tmp_path: Path) -> None:
+    host = Host(tmp_path, max_inflight_requests=2, max_pending_requests=3, max_queued_tokens=500)
+    a = host.servers[0]
+    a.enter()
+    a.enter()
+    assert "2 requests in flight" in host.refused(0).message
+    host.sent[0] = 2  # both reached the engine: nothing of server 0 is pending any more
+    a.leave()
+    host.renders_full = True
+    assert "preprocessing queue" in host.refused(0).message
+    host.renders_full = False
+    host.load = EngineLoad(num_waiting=3)
+    assert "3 requests are waiting" in host.refused(0).message
+    host.load = EngineLoad(num_waiting=1, num_waiting_tokens=500)
+    assert "500 prompt tokens" in host.refused(0).message
+    host.load = EngineLoad()
+    a.enter()
+    assert a.inflight == 2
+
+
+def test_the_pending_limit_holds_over_all_servers(tmp_path: Path) -> None:
+    host = Host(tmp_path, max_pending_requests=3)
+    a, b = host.servers
+    a.enter()
+    a.enter()  # two requests rendering on server 0, none sent yet
+    assert host.table.total_pending() == 2
+    b.enter()  # the host's third
+    err = host.refused(1)
+    assert "3 requests are waiting" in err.message
+    host.refused(0)
+    host.sent[0] = 2  # server 0's two reach the engine and start running at once
+    a.refresh()  # what each server does on every enter, leave, check and 100 ms tick
+    assert host.table.total_pending() == 1
+    b.check()  # room again
+
+
+def test_check_refuses_without_counting(tmp_path: Path) -> None:
+    host = Host(tmp_path, max_inflight_requests=1)
+    a = host.servers[0]
+    a.check()
+    assert a.inflight == 0
+    a.enter()
     with pytest.raises(ApiError, match="in flight"):
-        adm.check()
+        a.check()
+
+
+def test_retry_after_is_the_time_the_measured_drain_needs(tmp_path: Path) -> None:
+    host = Host(tmp_path, max_pending_requests=50, max_queue_wait=0)
+    a = host.servers[0]
+    # The engine drains 10 requests a second while 60 wait.
+    for step in range(10):
+        host.now = step * 0.5
+        host.load = EngineLoad(num_waiting=60, num_admitted=5 * step)
+        with pytest.raises(ApiError):
+            a.check()
+    assert a.drain.per_s == pytest.approx(10.0)
+    err = host.refused(0)
+    assert err.headers["Retry-After"] == "2"  # 11 over the limit at 10 a second: 1.1 s -> 2
+    host.load = EngineLoad(num_waiting=10_000, num_admitted=45)
+    assert host.refused(0).headers["Retry-After"] == str(MAX_RETRY_AFTER_S)
+
+
+def test_the_wait_limit_uses_the_drain_rate_once_measured(tmp_path: Path) -> None:
+    host = Host(tmp_path, max_queue_wait=2.0)
+    a = host.servers[0]
+    host.load = EngineLoad(num_waiting=30)
+    a.check()  # no rate measured yet: only the count limits apply
+    host.now, host.load = 0.5, EngineLoad(num_waiting=30, num_admitted=5)  # 10 a second
+    err = host.refused(0)
+    assert "about 3.0 s of work" in err.message and err.headers["Retry-After"] == "1"
+    host.load = EngineLoad(num_waiting=15, num_admitted=5)
+    a.check()  # 1.5 s of work: admitted
+
+
+def test_idle_time_leaves_the_drain_rate_alone() -> None:
+    drain = DrainRate()
+    drain.observe(0, True, 0.0)
+    drain.observe(20, True, 1.0)
+    assert drain.per_s == pytest.approx(20.0)
+    for t in range(2, 20):  # idle: nothing pending, nothing admitted
+        drain.observe(20, False, float(t))
+    assert drain.per_s == pytest.approx(20.0)
+    drain.observe(3, True, 21.0)  # a new engine counts from 0 again: no negative rate
+    drain.observe(13, True, 22.0)
+    assert drain.per_s is not None and drain.per_s > 0
+    assert drain.seconds_for(14) == pytest.approx(14 / drain.per_s)

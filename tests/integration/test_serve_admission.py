@@ -1,0 +1,84 @@
+"""Admission against the real engine: the host-wide queue limit refuses on every API server
+once the engine's queue is full, with an OpenAI 429, and Retry-After grows with the work
+waiting, as measured from the engine's drain rate (not a constant)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fanin_proc import Fanin, start_fanin
+
+pytestmark = pytest.mark.slow
+
+NAME = "admission"
+#: One sequence at a time in the engine: every other request waits in its queue.
+FLAGS = ("--api-server-count", "2", "--served-model-name", NAME, "--max-num-seqs", "1")
+#: Each request generates this many tokens: long enough that the queue drains slowly.
+TOKENS = 400
+
+
+@pytest.fixture(scope="module")
+def fanin(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fanin]:
+    running = start_fanin(
+        tmp_path_factory.mktemp("admission"),
+        default_model_dir,
+        *FLAGS,
+        *("--max-pending-requests", "3", "--max-queue-wait", "0.5"),
+    )
+    yield running
+    running.kill_tree()
+
+
+def _post(fanin: Fanin, max_tokens: int) -> httpx.Response:
+    """One completion on a fresh connection (either API server may take it)."""
+    body = {"model": NAME, "prompt": "Once upon a time", "max_tokens": max_tokens}
+    body["ignore_eos"] = True
+    with httpx.Client(base_url=fanin.base_url, timeout=120) as http:
+        return http.post("/v1/completions", json=body, headers={"connection": "close"})
+
+
+def test_a_full_queue_is_refused_by_every_server_with_a_measured_retry_after(
+    fanin: Fanin,
+) -> None:
+    answers: list[httpx.Response] = []
+    backlog = [threading.Thread(target=lambda: answers.append(_post(fanin, TOKENS)))]
+    backlog[0].start()
+    refusals: list[httpx.Response] = []
+    deadline = time.monotonic() + 90
+    # One request runs and three wait (the limit); then probe until each server has refused
+    # one, and one was refused for the expected wait.
+    while time.monotonic() < deadline:
+        probe = _post(fanin, 1) if len(backlog) >= 4 else None
+        if probe is None:
+            thread = threading.Thread(target=lambda: answers.append(_post(fanin, TOKENS)))
+            thread.start()
+            backlog.append(thread)
+            time.sleep(0.3)
+            continue
+        if probe.status_code == 200:
+            time.sleep(0.2)
+            continue
+        assert probe.status_code == 429, probe.text
+        error = probe.json()["error"]
+        assert error["type"] == "rate_limit_error" and error["code"] == "rate_limit_exceeded"
+        assert int(probe.headers["retry-after"]) >= 1
+        refusals.append(probe)
+        servers = {r.headers["x-fanin-server"] for r in refusals}
+        waits = [r for r in refusals if "s of work" in r.json()["error"]["message"]]
+        if servers == {"0", "1"} and waits:
+            break
+        time.sleep(0.2)
+    assert {r.headers["x-fanin-server"] for r in refusals} == {"0", "1"}, refusals
+    waits = [r for r in refusals if "s of work" in r.json()["error"]["message"]]
+    assert waits, [r.json() for r in refusals]
+    # A queue of requests that each run for seconds: the wait is more than a second away.
+    assert max(int(r.headers["retry-after"]) for r in waits) >= 2
+    for thread in backlog:
+        thread.join(180)
+    assert [a.status_code for a in answers] == [200] * len(backlog)
+    assert _post(fanin, 1).status_code == 200  # drained: admitted again
