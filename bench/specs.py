@@ -1,7 +1,7 @@
 """A sweep's server configurations: the ``[inline:|pool:]NxW`` grammar, the ``frontend``
 preset and ``--env`` items, each turned into the ``fanin serve`` flags and environment they
-mean. The thread count is always passed, since a default may come from a CPU budget that
-differs per configuration."""
+mean. Both counts are always passed; ``auto`` for either is fanin's default (its CPU budget
+picks it), which is how "default flags" configurations are written (``8xauto``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from bench.config import SweepConfig
 
-_SPEC = re.compile(r"^(?:(inline|pool):)?(\d{1,3})x(\d{1,3})$")
+_SPEC = re.compile(r"^(?:(inline|pool):)?(\d{1,3}|auto)x(\d{1,3}|auto)$")
 
 
 @dataclass(frozen=True)
@@ -19,8 +19,8 @@ class ServerSpec:
     """One server configuration of a sweep."""
 
     mode: str
-    servers: int
-    workers: int
+    servers: int | str  # a count, or "auto"
+    workers: int | str
 
     @property
     def label(self) -> str:
@@ -39,11 +39,13 @@ class ServerSpec:
 
 
 def parse_spec(text: str) -> ServerSpec:
-    """``inline:1x1``, ``pool:1x4``, ``4x2`` -> a ServerSpec; ``ValueError`` otherwise."""
+    """``inline:1x1``, ``pool:1x4``, ``4x2``, ``8xauto`` -> a ServerSpec; ``ValueError``
+    otherwise."""
     match = _SPEC.match(text.strip())
-    if not match or int(match.group(2)) < 1 or int(match.group(3)) < 1:
-        raise ValueError(f"--configs: {text!r} is not [inline:|pool:]NxW (e.g. pool:4x2)")
-    return ServerSpec(match.group(1) or "pool", int(match.group(2)), int(match.group(3)))
+    counts = [g if g == "auto" else int(g) for g in (match.groups()[1:] if match else ())]
+    if not match or 0 in counts:
+        raise ValueError(f"--configs: {text!r} is not [inline:|pool:]NxW (e.g. pool:4x2, 8xauto)")
+    return ServerSpec(match.group(1) or "pool", counts[0], counts[1])
 
 
 def frontend_preset(cores: int) -> list[ServerSpec]:

@@ -28,7 +28,12 @@ def test_config_grammar() -> None:
     assert parse_spec(" pool:16x1 ").flags() == [
         "--api-server-count", "16", "--renderer-num-workers", "1", "--preprocess-mode", "pool",
     ]  # fmt: skip
-    for bad in ("4", "x2", "threads:1x1", "0x1", "1x0", "4x2x1", "1 x 2"):
+    # "auto": fanin's own default for that count (its CPU budget), passed through as such.
+    assert parse_spec("8xauto").flags() == [
+        "--api-server-count", "8", "--renderer-num-workers", "auto", "--preprocess-mode", "pool",
+    ]  # fmt: skip
+    assert parse_spec("autoxauto").label == "pool autoxauto"
+    for bad in ("4", "x2", "threads:1x1", "0x1", "1x0", "4x2x1", "1 x 2", "8xAUTO", "axb"):
         with pytest.raises(ValueError):
             parse_spec(bad)
 
