@@ -192,6 +192,14 @@ class SweepConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
         ]
         | None
     ) = None
+    rate_multiples: Annotated[
+        list[float] | None,
+        Meta(
+            description="overload runs: the first configuration first runs closed loop "
+            "(--max-concurrency clients) to find the rate that saturates it, then every "
+            "configuration runs Poisson arrivals at these multiples of that rate (e.g. '1 2')",
+        ),
+    ] = None
     strict: Annotated[
         bool,
         Meta(
@@ -232,7 +240,8 @@ def add_flags(
         elif typing.get_origin(kind) is Literal:
             kw["choices"] = typing.get_args(kind)
         elif typing.get_origin(kind) is list:
-            kw.update(nargs="+", metavar="VALUE")
+            (item,) = typing.get_args(kind)
+            kw.update(nargs="+", metavar="VALUE", type=item)
         else:
             kw["type"] = kind
         parser.add_argument("--" + field.name.replace("_", "-"), **kw)

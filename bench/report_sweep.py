@@ -133,6 +133,7 @@ def markdown(doc: dict[str, Any]) -> str:
             f"| {_NA if server_cores is None else f'{server_cores:.1f}'} "
             f"| {cpu.get('generator_cores_busy', 0):.2f} |"
         )
+    lines += _overload_table(entries)
     lines += ["", "Completed requests per API server (`x-fanin-server`), and where CPU went:", ""]
     lines += ["| config | per server | cores by process |", "|---|---|---|"]
     for e in entries:
@@ -155,6 +156,36 @@ def markdown(doc: dict[str, Any]) -> str:
         lines += [f"- {label}: {'; '.join(errs)}" for label, errs in errors]
     lines += ["", "![sweep](sweep.png)"]
     return "\n".join(lines) + "\n"
+
+
+def _overload_table(entries: list[dict[str, Any]]) -> list[str]:
+    """With --rate-multiples: what each paced run offered, and what became of it."""
+    paced = [e for e in entries if e["status"] == "ok" and "offered_rate" in e]
+    if not paced:
+        return []
+    lines = [
+        "",
+        "Overload: Poisson arrivals at multiples of the rate the first configuration completed "
+        "closed loop; a client gives up after --request-timeout (a timeout). TTFT is of the "
+        "admitted requests.",
+        "",
+        "| config | offered req/s | completed req/s | 429 (%) | client timeouts | 5xx "
+        "| other errors | TTFT median / p99 (ms) | /health p99 / max (ms) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for e in paced:
+        m, h, errors = e["metrics"], e["health"], e["metrics"]["errors"]
+        refused, timeouts = errors.get("http 429", 0), errors.get("timeout", 0)
+        server_errors = sum(n for kind, n in errors.items() if kind.startswith("http 5"))
+        other = m["failed"] - refused - timeouts - server_errors
+        share = 100 * refused / max(m["num_requests"], 1)
+        lines.append(
+            f"| {e['label']} | {e['offered_rate']:.1f} | {_rate(e):.1f} "
+            f"| {refused} ({share:.0f} %) | {timeouts} | {server_errors} | {other} "
+            f"| {_ms(m['median_ttft_ms'])} / {_ms(m['p99_ttft_ms'])} "
+            f"| {_ms(h['p99_ms'])} / {_ms(h['max_ms'])} |"
+        )
+    return lines
 
 
 def plot(doc: dict[str, Any], path: Path) -> bool:

@@ -58,6 +58,8 @@ class _Context:
     image_url_base: str | None
     deadline: float  # time.monotonic() at which --time-budget runs out (inf: none)
     workloads: dict[Model, Workload] = field(default_factory=dict)  # one per served model
+    #: With --rate-multiples: the rate that saturated the first configuration (closed loop).
+    saturation_rate: float | None = None
 
 
 @dataclass
@@ -110,65 +112,108 @@ class Sweep:
             for i, spec in enumerate(self.specs):
                 print(f"[{i + 1}/{len(self.specs)}] {spec.label}", file=sys.stderr, flush=True)
                 left = deadline - time.monotonic()
-                entry: dict[str, Any]
+                entries: list[dict[str, Any]]
                 if left < slowest:
-                    entry = {
-                        "label": spec.label,
-                        "status": "skipped",
-                        "error": f"--time-budget: {max(0, left):.0f} s left, a configuration "
-                        f"may take {slowest:.0f} s",
-                    }
+                    entries = [
+                        {
+                            "label": spec.label,
+                            "status": "skipped",
+                            "error": f"--time-budget: {max(0, left):.0f} s left, a "
+                            f"configuration may take {slowest:.0f} s",
+                        }
+                    ]
                 else:
                     started = time.monotonic()
                     fetched = image_server.num_served if image_server else 0
-                    entry = await self._one(spec, context)
+                    entries = await self._one(spec, context)
                     if image_server is not None:
-                        entry["images_fetched"] = image_server.num_served - fetched
+                        entries[-1]["images_fetched"] = image_server.num_served - fetched
                     slowest = max(slowest, time.monotonic() - started)
-                doc["entries"].append(entry)
+                for entry in entries:
+                    doc["entries"].append(entry)
+                    print(f"  {report_sweep.entry_line(entry)}", file=sys.stderr, flush=True)
                 self._write_json(doc)
-                print(f"  {report_sweep.entry_line(entry)}", file=sys.stderr, flush=True)
         return doc
 
-    async def _one(self, spec: ServerSpec, context: _Context) -> dict[str, Any]:
-        entry: dict[str, Any] = {"label": spec.label, "flags": spec.flags()}
+    async def _one(self, spec: ServerSpec, context: _Context) -> list[dict[str, Any]]:
+        """Start the configuration's server, run the workload against it (once, or once per
+        rate multiple), stop it. One entry per run, each with the server's start and stop."""
+        base: dict[str, Any] = {"label": spec.label, "flags": spec.flags()}
         log = self.out_dir / f"serve-{spec.slug}.log"
         server = ServedFanin.start(self.model_dir, spec.flags() + context.flags, log, context.env)
-        entry["pid"] = server.pid
+        base["pid"] = server.pid
+        entries: list[dict[str, Any]] = []
         try:
             # Within --time-budget, the server's stop must fit too.
             usable = context.deadline - _STOP_RESERVE_S - time.monotonic()
             start_timeout = min(self.sweep.server_start_timeout, usable)
             problem = await server.wait_ready(max(1.0, start_timeout), context.api_key)
             if problem is not None:
-                entry.update(status="failed to start", error=problem, log_tail=server.log_tail())
-                return entry
+                base.update(status="failed to start", error=problem, log_tail=server.log_tail())
+                return [base]
             model = await fetch_model(server.target, self.config.model, context.api_key)
             if model not in context.workloads:
                 context.workloads[model] = Workload(
                     self.config, model, context.images, context.image_url_base
                 )
             config = msgspec.structs.replace(self.config, base_url=server.target.origin)
-            workload = context.workloads[model]
-            give_up_at = time.perf_counter() + (
-                context.deadline - _STOP_RESERVE_S - time.monotonic()
-            )
-            run = Run(config, server.target, workload, server.pid, context.api_key, give_up_at)
-            result = await run.execute()
-            entry.update(status="ok", **run_result(config, model.name, result))
+            for label, multiple in self._runs(spec, context):
+                entry = {**base, "label": label}
+                entries.append(entry)
+                result = await self._run(config, multiple, server, model, context)
+                entry.update(status="ok", **result)
+                if self.sweep.rate_multiples and context.saturation_rate is None:
+                    context.saturation_rate = float(result["metrics"]["window_request_throughput"])
         except (BenchError, WorkloadError, RuntimeError, OSError) as e:
-            entry.update(status="failed", error=str(e), log_tail=server.log_tail())
+            failed = entries[-1] if entries else base
+            failed.update(status="failed", error=str(e), log_tail=server.log_tail())
+            entries = entries or [base]
         except Exception as e:  # one configuration's surprise must not lose the others
-            entry.update(status="failed", error=f"{type(e).__name__}: {e}")
-            entry["traceback"] = traceback.format_exc()
+            failed = entries[-1] if entries else base
+            failed.update(status="failed", error=f"{type(e).__name__}: {e}")
+            failed["traceback"] = traceback.format_exc()
+            entries = entries or [base]
         finally:
             stop = await asyncio.to_thread(server.stop, self.sweep.server_stop_timeout)
-            entry["stop"] = {
-                "exit_code": stop.exit_code,
-                "seconds": round(stop.seconds, 2),
-                "killed": stop.killed,
-            }
-        return entry
+            for entry in entries or [base]:
+                entry["stop"] = {
+                    "exit_code": stop.exit_code,
+                    "seconds": round(stop.seconds, 2),
+                    "killed": stop.killed,
+                }
+        return entries
+
+    def _runs(self, spec: ServerSpec, context: _Context) -> list[tuple[str, float | None]]:
+        """The runs against this server, each a label and a multiple of the saturating rate
+        (None: the workload as given). With --rate-multiples, the first configuration first
+        runs closed loop to find that rate."""
+        multiples = self.sweep.rate_multiples
+        if not multiples:
+            return [(spec.label, None)]
+        runs: list[tuple[str, float | None]] = []
+        if context.saturation_rate is None:
+            runs.append((f"{spec.label} closed loop", None))
+        return runs + [(f"{spec.label} at {m:g}x", m) for m in multiples]
+
+    async def _run(
+        self,
+        config: BenchConfig,
+        multiple: float | None,
+        server: ServedFanin,
+        model: Model,
+        context: _Context,
+    ) -> dict[str, Any]:
+        if multiple is not None:
+            assert context.saturation_rate is not None  # the closed-loop run came first
+            rate = multiple * context.saturation_rate
+            config = msgspec.structs.replace(config, request_rate=rate, max_concurrency=None)
+        give_up_at = time.perf_counter() + (context.deadline - _STOP_RESERVE_S - time.monotonic())
+        workload = context.workloads[model]
+        run = Run(config, server.target, workload, server.pid, context.api_key, give_up_at)
+        result = run_result(config, model.name, await run.execute())
+        if multiple is not None:
+            result["offered_rate"] = config.request_rate
+        return result
 
     def _write_json(self, doc: dict[str, Any]) -> None:
         text = msgspec.json.format(msgspec.json.encode(doc)).decode()
@@ -189,6 +234,8 @@ def sweep_main(argv: list[str]) -> int:
         validate(config)
         specs = resolve_specs(sweep)
         parse_env(sweep.env)
+        if sweep.rate_multiples and config.max_concurrency is None:
+            raise ValueError("--rate-multiples needs --max-concurrency (its closed-loop run)")
     except ValueError as e:
         parser.error(str(e))
     out_dir = Path(config.result_dir or result_stem("fanin-sweep"))

@@ -140,3 +140,38 @@ def test_sigterm_stops_the_sweep_and_its_server(default_model_dir: Path, tmp_pat
                 os.kill(pid, signal.SIGKILL)
     assert "stopped; what ran is in" in (tmp_path / "sweep.err").read_text()
     assert not (out / "sweep.json").exists()  # nothing finished, and nothing pretends to have
+
+
+def test_rate_multiples_need_the_closed_loop_run(tmp_path: Path) -> None:
+    done = run_fanin(
+        "bench", "sweep", "--configs", "1x1", "--rate-multiples", "1", "2", cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 2 and "--rate-multiples needs --max-concurrency" in done.stderr
+
+
+@pytest.mark.slow
+def test_overload_runs_pace_arrivals_at_multiples_of_the_saturating_rate(
+    default_model_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "overload"
+    done = run_fanin(
+        "bench", "sweep", str(default_model_dir), "--configs", "1x1",
+        "--max-concurrency", "3", "--rate-multiples", "0.5", "2", "--num-prompts", "400",
+        "--image-size", "96x64", "--output-len", "2", "--ignore-eos", "--duration", "3",
+        "--request-timeout", "20", "--server-start-timeout", "240", "--result-dir", str(out),
+        cwd=tmp_path, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    closed, half, double = json.loads((out / "sweep.json").read_text())["entries"]
+    assert [e["label"] for e in (closed, half, double)] == [
+        "pool 1x1 closed loop", "pool 1x1 at 0.5x", "pool 1x1 at 2x",
+    ]  # fmt: skip
+    assert closed["pid"] == half["pid"] == double["pid"]  # one server for the three runs
+    saturation = closed["metrics"]["window_request_throughput"]
+    assert "offered_rate" not in closed and saturation > 0
+    assert half["offered_rate"] == pytest.approx(0.5 * saturation)
+    assert double["offered_rate"] == pytest.approx(2 * saturation)
+    assert half["config"]["max_concurrency"] is None  # open loop: arrivals, not clients
+    markdown = (out / "sweep.md").read_text()
+    assert "| config | offered req/s | completed req/s | 429 (%) | client timeouts |" in markdown
+    assert "| pool 1x1 at 2x |" in markdown
