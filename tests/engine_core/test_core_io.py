@@ -155,7 +155,7 @@ def test_shutdown_stops_the_loop(engine: Engine, ctx: zmq.Context[Any]) -> None:
 
 
 class BrokenRunner(FakeRunner):
-    def execute(self, chunks: list[Chunk]) -> StepResult:
+    def execute(self, chunks: list[Chunk], **_: Any) -> StepResult:
         raise RuntimeError("GPU on fire")
 
 

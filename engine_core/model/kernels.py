@@ -1,0 +1,137 @@
+"""The elementwise pieces of the hot paths, as plain torch functions with HF's numerics, and
+their compiled form for CUDA.
+
+Eager, each function is a handful of small kernels (an RMSNorm is eight: upcast, square, mean,
+add, rsqrt, multiply, downcast, scale), and a decode step of a 28-layer model launches about a
+thousand of them: inside a CUDA graph the launches are free but each kernel still costs the GPU
+a few microseconds, several times what the weights take to read at batch 1. ``Kernels.compiled``
+runs the same functions through ``torch.compile`` (dynamic shapes, so one compile serves every
+batch size): each becomes one fused kernel. CPU always runs them eagerly, which is what the
+tests compare with HF token for token; compiled kernels keep intermediates in fp32, so on CUDA
+a result may differ from eager in the last bf16 bit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from engine_core.model.rope import apply_rotary
+
+logger = logging.getLogger(__name__)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF numerics: normalise in fp32, cast back, then scale by the weight in the model dtype."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``s = residual + x`` in the model dtype (HF's residual add), then ``(rms_norm(s), s)``."""
+    summed = residual + x
+    return rms_norm(summed, weight, eps), summed
+
+
+def rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoder's rotation of q (T, Hq, D) and k (T, Hkv, D), in the model dtype."""
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+
+def rotary_fp32(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vision tower's rotation: computed in fp32 (cos/sin (N, 1, D) fp32), cast back."""
+    return (
+        apply_rotary(q.float(), cos, sin).to(q.dtype),
+        apply_rotary(k.float(), cos, sin).to(k.dtype),
+    )
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``gate_up = [gate | up]`` along the last dimension."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """Qwen2-VL's vision MLP activation: ``x * sigmoid(1.702 x)``."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+@dataclass(frozen=True, slots=True)
+class Kernels:
+    """The functions the models call; built once per runner and handed to their modules."""
+
+    rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+    add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    rotary_fp32: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    silu_mul: Callable[[torch.Tensor], torch.Tensor]
+    quick_gelu: Callable[[torch.Tensor], torch.Tensor]
+    is_compiled: bool = False
+
+    @classmethod
+    def eager(cls) -> Kernels:
+        return cls(rms_norm, add_rms_norm, rotary, rotary_fp32, silu_mul, quick_gelu)
+
+    @classmethod
+    def compiled(cls, device: torch.device, dtype: torch.dtype) -> Kernels:
+        """The compiled kernels, tried once on small inputs of ``dtype`` on ``device``; the
+        eager ones (with a warning) where torch.compile is unavailable or fails."""
+        eager = cls.eager()
+        try:
+            fused = cls(
+                **{name: _compile(fn) for name, fn in _fields(eager).items()}, is_compiled=True
+            )
+            _try(fused, eager, device, dtype)
+        except Exception as exc:  # a missing compiler or a codegen bug costs speed, not service
+            logger.warning("torch.compile of the fused kernels failed; running eager: %r", exc)
+            return eager
+        return fused
+
+
+def _fields(kernels: Kernels) -> dict[str, Callable[..., Any]]:
+    return {
+        "rms_norm": kernels.rms_norm,
+        "add_rms_norm": kernels.add_rms_norm,
+        "rotary": kernels.rotary,
+        "rotary_fp32": kernels.rotary_fp32,
+        "silu_mul": kernels.silu_mul,
+        "quick_gelu": kernels.quick_gelu,
+    }
+
+
+def _compile(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return torch.compile(fn, dynamic=True, fullgraph=True)
+
+
+def _try(fused: Kernels, eager: Kernels, device: torch.device, dtype: torch.dtype) -> None:
+    """Compile every kernel now (not inside the first step or a graph capture) and check it
+    against eager within rounding; batch sizes 1 and 3 cover the size-1 specialisation."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    for t in (1, 3):
+        x = torch.randn(t, 2, 64, device=device, generator=gen).to(dtype)
+        w = torch.randn(64, device=device, generator=gen).to(dtype)
+        cos = torch.randn(t, 1, 64, device=device, generator=gen)
+        cases = {
+            "rms_norm": (x, w, 1e-6),
+            "add_rms_norm": (x, x, w, 1e-6),
+            "rotary": (x, x, cos.to(dtype), cos.to(dtype)),
+            "rotary_fp32": (x, x, cos, cos),
+            "silu_mul": (x,),
+            "quick_gelu": (x,),
+        }
+        for name, args in cases.items():
+            got, want = _fields(fused)[name](*args), _fields(eager)[name](*args)
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
