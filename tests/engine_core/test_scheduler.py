@@ -1,9 +1,11 @@
 """Scheduler unit tests against a fake runner that checks KV-slot bookkeeping.
 
 ``FakeRunner`` keeps, per slot, the tokens the scheduler wrote there (as a KV cache would) and
-fails on any gap or on a slot shared by two requests; its "model" is a deterministic function
-of the whole prefix, so a request's tokens depend on nothing but its own history, which is what
-lets the tests compare a preempted run with an undisturbed one.
+fails on any gap, on a slot shared by two requests, or on a chunk that touches an image not
+encoded yet; its "model" is a deterministic function of the whole prefix, so a request's tokens
+depend on nothing but its own history, which is what lets the tests compare a preempted run
+with an undisturbed one. ``fail`` makes it fail one request's work the way the real runner
+reports it (left out of the step, named in ``StepResult.failed``).
 """
 
 from __future__ import annotations
@@ -15,12 +17,18 @@ import numpy as np
 import pytest
 import torch
 
-from engine_core.batch import Chunk, ImageRef, RunnerFacts, StepResult
+from engine_core.batch import Chunk, ImageRef, RunnerFacts, StepResult, images_by_offset
 from engine_core.pipeline import Pipeline
 from engine_core.sampler import Sampler
 from engine_core.scheduler import Scheduler
 from ipc.config import EngineConfig
-from ipc.messages import EngineRequest, PoolingParams, RequestOutput, SamplingParams
+from ipc.messages import (
+    EngineRequest,
+    PoolingParams,
+    RequestError,
+    RequestOutput,
+    SamplingParams,
+)
 
 VOCAB = 97
 EOS = 96
@@ -55,12 +63,16 @@ class FakeRunner:
         self.encodes: list[list[ImageRef]] = []
         self.fed: dict[int, int] = {}  # slot -> the id last sampled for it (the "device" copy)
         self.eos_after: dict[str, int] = {}  # request id -> make EOS the favourite at this length
+        self.encoded: dict[str, set[int]] = {}  # request id -> its images encoded so far
+        self.fail: dict[str, RequestError] = {}  # request id -> the error its work fails with
 
     def check_request(self, request: EngineRequest) -> str | None:
         return "fake says no" if request.request_id.startswith("reject") else None
 
     def release(self, request_id: str) -> None:
         self.released.append(request_id)
+        self.encoded.pop(request_id, None)
+        self.fail.pop(request_id, None)
         for slot, owner in list(self.owner.items()):
             if owner == request_id:
                 del self.owner[slot]
@@ -77,9 +89,21 @@ class FakeRunner:
     ) -> StepResult:
         self.steps.append(chunks)
         self.encodes.append(list(encodes))
+        failed = {rid: e for rid, e in self.fail.items() if rid in _request_ids(chunks, encodes)}
+        for ref in encodes:
+            self.encoded.setdefault(ref.request.request_id, set()).add(ref.index)
         logits, pooled = [], {}
         for chunk in chunks:
             rid = chunk.request.request_id
+            if rid in failed:
+                continue
+            n = len(chunk.token_ids)
+            for i, item in enumerate(images_by_offset(chunk.request)):
+                touched = item.offset < chunk.start + n and chunk.start < item.offset + item.length
+                if touched and i not in self.encoded.get(rid, set()):
+                    raise AssertionError(
+                        f"{rid}: chunk at {chunk.start} touches unencoded image {i}"
+                    )
             if self.owner.setdefault(chunk.slot, rid) != rid:
                 raise AssertionError(
                     f"slot {chunk.slot} shared by {self.owner[chunk.slot]} and {rid}"
@@ -107,10 +131,16 @@ class FakeRunner:
                 pooled[rid] = torch.full((8,), float(len(cache)))
         stacked = torch.stack(logits) if logits else torch.zeros(0, VOCAB)
         if not greedy:
-            return StepResult(stacked, pooled=pooled)
+            return StepResult(stacked, pooled=pooled, failed=failed)
         ids = stacked.argmax(dim=-1)
-        self.feed([c.slot for c in chunks if c.wants_logits], ids)
-        return StepResult(None, ids, pooled)
+        self.feed(
+            [c.slot for c in chunks if c.wants_logits and c.request.request_id not in failed], ids
+        )
+        return StepResult(None, ids, pooled, failed)
+
+
+def _request_ids(chunks: list[Chunk], encodes: Sequence[ImageRef]) -> set[str]:
+    return {c.request.request_id for c in chunks} | {r.request.request_id for r in encodes}
 
 
 class Harness:
