@@ -86,13 +86,16 @@ class Kernels:
         return cls(rms_norm, add_rms_norm, rotary, rotary_fp32, silu_mul, quick_gelu)
 
     @classmethod
-    def compiled(cls, device: torch.device, dtype: torch.dtype) -> Kernels:
+    def compiled(
+        cls, device: torch.device, dtype: torch.dtype, backend: str = "inductor"
+    ) -> Kernels:
         """The compiled kernels, tried once on small inputs of ``dtype`` on ``device``; the
         eager ones (with a warning) where torch.compile is unavailable or fails."""
         eager = cls.eager()
         try:
             fused = cls(
-                **{name: _compile(fn) for name, fn in _fields(eager).items()}, is_compiled=True
+                **{name: _compile(fn, backend) for name, fn in _fields(eager).items()},
+                is_compiled=True,
             )
             _try(fused, eager, device, dtype)
         except Exception as exc:  # a missing compiler or a codegen bug costs speed, not service
@@ -112,23 +115,25 @@ def _fields(kernels: Kernels) -> dict[str, Callable[..., Any]]:
     }
 
 
-def _compile(fn: Callable[..., Any]) -> Callable[..., Any]:
-    return torch.compile(fn, dynamic=True, fullgraph=True)
+def _compile(fn: Callable[..., Any], backend: str) -> Callable[..., Any]:
+    return torch.compile(fn, dynamic=True, fullgraph=True, backend=backend)
 
 
 def _try(fused: Kernels, eager: Kernels, device: torch.device, dtype: torch.dtype) -> None:
-    """Compile every kernel now (not inside the first step or a graph capture) and check it
-    against eager within rounding; batch sizes 1 and 3 cover the size-1 specialisation."""
+    """Compile every kernel now, on inputs shaped like the models' (2-D activations; q and k as
+    strided views of a packed projection), and check it against eager within rounding; 1 and 3
+    rows cover the size-1 specialisation."""
     gen = torch.Generator(device=device).manual_seed(0)
     for t in (1, 3):
-        x = torch.randn(t, 2, 64, device=device, generator=gen).to(dtype)
+        x = torch.randn(t, 64, device=device, generator=gen).to(dtype)
         w = torch.randn(64, device=device, generator=gen).to(dtype)
-        cos = torch.randn(t, 1, 64, device=device, generator=gen)
+        qk = torch.randn(t, 3, 4, 16, device=device, generator=gen).to(dtype)
+        cos = torch.randn(t, 1, 16, device=device, generator=gen)
         cases = {
             "rms_norm": (x, w, 1e-6),
             "add_rms_norm": (x, x, w, 1e-6),
-            "rotary": (x, x, cos.to(dtype), cos.to(dtype)),
-            "rotary_fp32": (x, x, cos, cos),
+            "rotary": (qk[:, 0], qk[:, 1], cos.to(dtype), cos.to(dtype)),
+            "rotary_fp32": (qk[:, 0], qk[:, 1], cos, cos),
             "silu_mul": (x,),
             "quick_gelu": (x,),
         }
