@@ -272,6 +272,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "compiled_kernels": bool(getattr(getattr(runner, "kernels", None), "is_compiled", False)),
         "vision_flash": bool(runner.vision is not None and runner.vision.uses_flash),
         "syncs": count_syncs(runner, config, args),
+        "kernels_fallen_back": runner.kernels.fallen_back() if hasattr(runner, "kernels") else [],
     }
 
 
@@ -363,6 +364,8 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"| {b} | {o:.2f} | {hf} | {floor:.2f} | {o / floor:.2f}x | {b / o * 1e3:.0f} |")
     s = report["syncs"]
     print(f"synchronising calls reported in a {s['steps']}-step run: {s['reported_syncs']}")
+    if report.get("kernels_fallen_back"):
+        print(f"compiled kernels that failed and ran eagerly: {report['kernels_fallen_back']}")
 
 
 if __name__ == "__main__":

@@ -206,6 +206,7 @@ def main() -> None:
         "dtype": args.dtype,
         "graphs": runner.graphs is not None,
         "compiled_kernels": runner.kernels.is_compiled,
+        "kernels_fallen_back": runner.kernels.fallen_back(),
         "sequences": len(want),
         "exact_sequences": exact,
         "token_match_rate": matched_tokens / sum(len(w) for w in want),

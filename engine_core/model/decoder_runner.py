@@ -72,17 +72,7 @@ class DecoderRunner(ModelRunner):
         self.kv = allocate(self.spec, num_slots, self.max_model_len, dtype, device)
         #: the id last sampled for each slot: the next step's decodes read it on the device
         self.last_tokens = torch.zeros(num_slots, dtype=torch.int64, device=device)
-        self.graphs = None
-        if is_fast:
-            self.graphs = DecodeGraphs(
-                self.decoder,
-                self.rotary,
-                self.kv,
-                self.last_tokens,
-                self.max_model_len,
-                min(num_slots, config.max_num_seqs),
-                dtype,
-            )
+        self.graphs = self._capture(min(num_slots, config.max_num_seqs)) if is_fast else None
         self.facts = RunnerFacts(
             model_name=config.served_model_name or config.model,
             max_model_len=self.max_model_len,
@@ -94,6 +84,25 @@ class DecoderRunner(ModelRunner):
             supports_generation=True,
             image_token_id=self.spec.image_token_id,
         )
+
+    def _capture(self, max_batch: int) -> DecodeGraphs | None:
+        """The decode graphs; None (every step eager, with an error in the log) when capturing
+        fails: slower, but serving."""
+        try:
+            return DecodeGraphs(
+                self.decoder,
+                self.rotary,
+                self.kv,
+                self.last_tokens,
+                self.max_model_len,
+                max_batch,
+                self.dtype,
+            )
+        except RuntimeError:
+            logger.exception("capturing the decode CUDA graphs failed; decoding eagerly")
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            return None
 
     def _use_graphs(self, config: EngineConfig) -> bool:
         return self.device.type == "cuda" and self.use_flash and not config.enforce_eager

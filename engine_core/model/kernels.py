@@ -91,17 +91,46 @@ class Kernels:
     ) -> Kernels:
         """The compiled kernels, tried once on small inputs of ``dtype`` on ``device``; the
         eager ones (with a warning) where torch.compile is unavailable or fails."""
-        eager = cls.eager()
+        eager = _fields(cls.eager())
         try:
-            fused = cls(
-                **{name: _compile(fn, backend) for name, fn in _fields(eager).items()},
-                is_compiled=True,
-            )
-            _try(fused, eager, device, dtype)
+            fast = {name: _compile(fn, backend) for name, fn in eager.items()}
+            _try(fast, eager, device, dtype)
         except Exception as exc:  # a missing compiler or a codegen bug costs speed, not service
             logger.warning("torch.compile of the fused kernels failed; running eager: %r", exc)
-            return eager
-        return fused
+            return cls.eager()
+        return cls(
+            **{name: _Guarded(name, fn, eager[name]) for name, fn in fast.items()},
+            is_compiled=True,
+        )
+
+    def fallen_back(self) -> list[str]:
+        """Compiled kernels that failed since the start and run eagerly now."""
+        return [
+            fn.name for fn in _fields(self).values() if isinstance(fn, _Guarded) and fn.is_eager
+        ]
+
+
+class _Guarded:
+    """A compiled kernel that turns into its eager self, for good, the first time it raises
+    (a recompile for an input it has not seen can fail long after the start-up check)."""
+
+    def __init__(self, name: str, fast: Callable[..., Any], eager: Callable[..., Any]) -> None:
+        self.name = name
+        self._fast: Callable[..., Any] | None = fast
+        self._eager = eager
+
+    @property
+    def is_eager(self) -> bool:
+        return self._fast is None
+
+    def __call__(self, *args: Any) -> Any:
+        if self._fast is not None:
+            try:
+                return self._fast(*args)
+            except Exception as exc:  # the eager function computes the same values
+                logger.warning("compiled kernel %s failed (%r); eager from now on", self.name, exc)
+                self._fast = None
+        return self._eager(*args)
 
 
 def _fields(kernels: Kernels) -> dict[str, Callable[..., Any]]:
@@ -119,7 +148,12 @@ def _compile(fn: Callable[..., Any], backend: str) -> Callable[..., Any]:
     return torch.compile(fn, dynamic=True, fullgraph=True, backend=backend)
 
 
-def _try(fused: Kernels, eager: Kernels, device: torch.device, dtype: torch.dtype) -> None:
+def _try(
+    fast: dict[str, Callable[..., Any]],
+    eager: dict[str, Callable[..., Any]],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> None:
     """Compile every kernel now, on inputs shaped like the models' (2-D activations; q and k as
     strided views of a packed projection), and check it against eager within rounding; 1 and 3
     rows cover the size-1 specialisation."""
@@ -138,5 +172,5 @@ def _try(fused: Kernels, eager: Kernels, device: torch.device, dtype: torch.dtyp
             "quick_gelu": (x,),
         }
         for name, args in cases.items():
-            got, want = _fields(fused)[name](*args), _fields(eager)[name](*args)
+            got, want = fast[name](*args), eager[name](*args)
             torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)

@@ -14,8 +14,9 @@ from ipc.config import EngineConfig
 if TYPE_CHECKING:
     from engine_core.model.decoder_runner import DecoderRunner
 
-#: Headroom for the decode CUDA graphs' memory pool, besides their logits.
-GRAPH_FIXED_BYTES = 512 << 20
+#: Headroom for the decode CUDA graphs' memory pool, besides their logits: 328 MiB held 8
+#: buckets of one variant for the default model on an H100; there are two variants now.
+GRAPH_FIXED_BYTES = 1 << 30
 #: Per sequence of a step: the sampler's float32 rows (logits copy, probabilities, a sort's
 #: values, int64 indices and the scatter back): about eight vocab-sized rows.
 SAMPLER_ROWS = 8
@@ -42,8 +43,8 @@ def cuda_kv_budget(runner: DecoderRunner, config: EngineConfig, with_graphs: boo
     other = (total - free) - torch.cuda.memory_reserved(device)
     vocab = runner.spec.vocab_size
     sampler = SAMPLER_ROWS * config.max_num_seqs * vocab * 4
-    # Decode graphs keep memory for good: 328 MiB for 8 buckets of the default model on an
-    # H100 (mostly fixed per-graph cost), plus their largest bucket's float32 logits.
+    # Decode graphs keep memory for good (mostly a fixed cost per graph), plus their largest
+    # bucket's float32 logits.
     graphs = GRAPH_FIXED_BYTES + 2 * config.max_num_seqs * vocab * 4 if with_graphs else 0
     return int(
         config.gpu_memory_utilization * total

@@ -54,7 +54,7 @@ class VisionEncoder:
         self.dtype, self.device = dtype, device
         self.merge_size = self.spec.merge
         self.patch_dim = self.spec.patch_dim
-        self._varlen = varlen_kernel(device, dtype)
+        self._varlen = varlen_kernel(device, dtype, self.spec.num_heads, self.spec.head_dim)
         with torch.device("meta"):
             tower = Tower(self.spec, kernels, self._varlen)
         self.tower = tower.to_empty(device=device).to(dtype).eval()

@@ -9,11 +9,14 @@ equal-length segments (a 1024x768 Qwen2.5-VL image has ~70 windows, most of one 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
 
 Varlen = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, float], torch.Tensor
@@ -47,18 +50,49 @@ def _flash_op(
     return out[0]
 
 
-def varlen_kernel(device: torch.device, dtype: torch.dtype) -> Varlen | None:
-    """The varlen FlashAttention entry point this torch offers for ``device``/``dtype``, or
-    None (then ``attend`` runs SDPA per segment)."""
+def varlen_kernel(
+    device: torch.device, dtype: torch.dtype, num_heads: int, head_dim: int
+) -> Varlen | None:
+    """The first varlen FlashAttention entry point of this torch that runs on ``device`` and
+    ``dtype`` for this head shape and agrees with SDPA on a small batch; None (then ``attend``
+    runs SDPA per segment) where none does."""
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return None
+    candidates: list[Varlen] = []
     try:
         from torch.nn.attention import varlen  # noqa: F401 (torch >= 2.10)
 
-        return _varlen_attn
+        candidates.append(_varlen_attn)
     except ImportError:
         pass
-    return _flash_op if hasattr(torch.ops.aten, "_flash_attention_forward") else None
+    if hasattr(torch.ops.aten, "_flash_attention_forward"):
+        candidates.append(_flash_op)
+    for kernel in candidates:
+        problem = _problem(kernel, device, dtype, num_heads, head_dim)
+        if problem is None:
+            return kernel
+        logger.warning("vision attention: %s unusable (%s)", kernel.__name__, problem)
+    return None
+
+
+def _problem(
+    kernel: Varlen, device: torch.device, dtype: torch.dtype, num_heads: int, head_dim: int
+) -> str | None:
+    gen = torch.Generator(device=device).manual_seed(0)
+    lens = [37, 64, 5]
+    q, k, v = (
+        torch.randn(sum(lens), num_heads, head_dim, device=device, generator=gen).to(dtype)
+        for _ in range(3)
+    )
+    cu = torch.tensor([0, 37, 101, 106], dtype=torch.int32, device=device)
+    scale = head_dim**-0.5
+    try:
+        got = kernel(q, k, v, cu, max(lens), scale)
+    except RuntimeError as exc:
+        return repr(exc)
+    want = attend(q, k, v, Segments(lens, None, max(lens)), scale, None)
+    error = float((got.float() - want.float()).norm() / want.float().norm())
+    return None if error < 2e-2 else f"relative error {error:.3g} against SDPA"
 
 
 def attend(

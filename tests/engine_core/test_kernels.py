@@ -49,3 +49,20 @@ def test_a_failing_compile_falls_back_to_eager(
         got = Kernels.compiled(CPU, torch.float32)
     assert not got.is_compiled and got == Kernels.eager()
     assert "no compiler here" in caplog.text
+
+
+def test_a_kernel_that_fails_later_runs_eagerly_from_then_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    calls = []
+
+    def flaky(x: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape)
+        raise RuntimeError("recompile failed")
+
+    guarded = kernels._Guarded("quick_gelu", flaky, kernels.quick_gelu)
+    x = torch.randn(4, 8)
+    with caplog.at_level(logging.WARNING):
+        torch.testing.assert_close(guarded(x), kernels.quick_gelu(x))
+        torch.testing.assert_close(guarded(x), kernels.quick_gelu(x))
+    assert len(calls) == 1 and guarded.is_eager and "recompile failed" in caplog.text

@@ -107,3 +107,24 @@ def test_missing_packed_shard_is_named(qwen2_5: tuple[Any, Any]) -> None:
     ]
     with pytest.raises(ModelLoadError, match=r"visual\.blocks\.2\.mlp\.up_proj\.bias"):
         _encoder("qwen2_5_vl", config, tensors)
+
+
+def test_a_varlen_kernel_is_used_only_if_it_runs_and_agrees_with_sdpa() -> None:
+    from engine_core.model import vision_attention as va
+
+    def per_segment(q: Any, k: Any, v: Any, cu: Any, max_len: int, scale: float) -> Any:
+        lens = torch.diff(cu).tolist()
+        return va.attend(q, k, v, va.Segments(lens, None, max_len), scale, None)
+
+    def wrong(q: Any, k: Any, v: Any, cu: Any, max_len: int, scale: float) -> Any:
+        return torch.nn.functional.scaled_dot_product_attention(  # one segment: all of them
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), scale=scale
+        ).transpose(0, 1)
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("head dim not supported")
+
+    assert va._problem(per_segment, CPU, torch.float32, 4, 16) is None
+    assert "relative error" in (va._problem(wrong, CPU, torch.float32, 4, 16) or "")
+    assert "head dim not supported" in (va._problem(broken, CPU, torch.float32, 4, 16) or "")
+    assert va.varlen_kernel(CPU, torch.float32, 4, 16) is None
