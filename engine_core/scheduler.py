@@ -165,11 +165,15 @@ class Scheduler:
                 budget -= self._add_chunk(step, seq, n)
         while self.waiting and budget > 0 and self._has_free_slot():
             seq = self.waiting[0]
-            if seq.num_preemptions and (message := self._check(seq.request)):
-                self._finish(seq, "error", RequestError(400, message))
-                continue
             take = self._admission_size(seq, budget)
-            fitted = plan.fit(seq, 0, take) if take else 0
+            if take == 0:
+                break
+            if seq.needs_check:  # preempted: the runner forgot it; validate it again
+                if message := self._check(seq.request):
+                    self._finish(seq, "error", RequestError(400, message))
+                    continue
+                seq.needs_check = False
+            fitted = plan.fit(seq, 0, take)
             if fitted < take and not self._may_split(seq):
                 fitted = 0
             if fitted == 0:
@@ -327,6 +331,7 @@ class Scheduler:
         seq.request = msgspec.structs.replace(seq.request, prompt_token_ids=prompt)
         seq.num_computed = 0
         seq.num_encoded_images = 0  # the runner forgot them with the request's state
+        seq.needs_check = True
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self._enqueue(seq)

@@ -39,6 +39,7 @@ class Sequence:
         "num_tokens",
         "num_computed",
         "num_preemptions",
+        "needs_check",
         "num_inflight",
         "image_spans",
         "num_encoded_images",
@@ -62,6 +63,8 @@ class Sequence:
         self.num_tokens = self.num_prompt_tokens
         self.num_computed = 0
         self.num_preemptions = 0
+        #: True after a preemption until ``check_request`` accepted the request again
+        self.needs_check = False
         self.num_inflight = 0
         #: (offset, length, patches) of each image, in prompt order
         self.image_spans = [

@@ -171,6 +171,7 @@ class DecoderRunner(ModelRunner):
             state = self._new_state(request)
             for im in state.images:
                 if im.pixels is None and im.embeds is None:
+                    self.release(request.request_id)
                     raise RuntimeError(
                         f"image {im.content_hash!r} was evicted from the encoder cache while "
                         "the request was preempted; send the request again"

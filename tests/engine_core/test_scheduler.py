@@ -65,8 +65,10 @@ class FakeRunner:
         self.eos_after: dict[str, int] = {}  # request id -> make EOS the favourite at this length
         self.encoded: dict[str, set[int]] = {}  # request id -> its images encoded so far
         self.fail: dict[str, RequestError] = {}  # request id -> the error its work fails with
+        self.checks: list[str] = []  # request ids, one per check_request
 
     def check_request(self, request: EngineRequest) -> str | None:
+        self.checks.append(request.request_id)
         return "fake says no" if request.request_id.startswith("reject") else None
 
     def release(self, request_id: str) -> None:

@@ -82,6 +82,16 @@ def test_preempted_request_encodes_its_images_again() -> None:
     assert h.tokens("low") == expected_tokens(30, "low", 6)
 
 
+def test_a_preempted_request_is_checked_again_once_before_it_runs() -> None:
+    h = Harness(max_num_seqs=1, num_slots=1, max_num_batched_tokens=64)
+    h.add("low", 10, max_tokens=8, ignore_eos=True, priority=1)
+    h.step()
+    h.add("urgent", 6, max_tokens=6, ignore_eos=True, priority=0)
+    h.run()  # low waits several steps for its slot after the preemption
+    assert h.runner.checks.count("low") == 2 and h.runner.checks.count("urgent") == 1
+    assert h.tokens("low") == expected_tokens(10, "low", 8)
+
+
 def test_a_failed_request_ends_alone_and_frees_everything() -> None:
     h = Harness(num_slots=3, max_num_seqs=3)
     h.add("ok-1", 9, max_tokens=5, ignore_eos=True)
