@@ -10,10 +10,25 @@ could never be encoded: ``Scheduler.add`` refuses it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 from engine_core.batch import ImageRef
 from engine_core.sequence import Sequence, SequenceStatus
+from ipc.messages import EngineRequest
+
+
+def encoder_budget_error(request: EngineRequest, budget: int) -> str | None:
+    """The 400 message for a request with an image of more than ``budget`` patches."""
+    for item in request.mm_items:
+        patches = math.prod(item.grid_thw)
+        if patches > budget:
+            return (
+                f"image {item.content_hash!r} has {patches} patches (grid "
+                f"{tuple(item.grid_thw)}); the engine encodes at most {budget} per step "
+                "(--max-num-encoder-patches): send a smaller image"
+            )
+    return None
 
 
 class EncoderPlan:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import bisect
 import itertools
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ import msgspec
 import numpy as np
 
 from engine_core.batch import Chunk, ImageRef, RunnerFacts
-from engine_core.encoder_plan import EncoderPlan
+from engine_core.encoder_plan import EncoderPlan, encoder_budget_error
 from engine_core.sequence import Sequence, SequenceStatus
 from engine_core.validation import validate_request
 from ipc.config import EngineConfig
@@ -104,7 +103,7 @@ class Scheduler:
         if message is None and request.request_id in self._live:
             message = f"request id {request.request_id!r} is already running"
         if message is None:
-            message = self._check_encoder_budget(request)
+            message = encoder_budget_error(request, self.max_num_encoder_patches)
         if message is None:
             message = self._check(request)
         if message is not None:
@@ -248,18 +247,6 @@ class Scheduler:
             "kv_used_tokens": sum(s.num_computed for s in self.running),
             "num_preemptions": self.num_preemptions,
         }
-
-    def _check_encoder_budget(self, request: EngineRequest) -> str | None:
-        for item in request.mm_items:
-            patches = math.prod(item.grid_thw)
-            if patches > self.max_num_encoder_patches:
-                return (
-                    f"image {item.content_hash!r} has {patches} patches (grid "
-                    f"{tuple(item.grid_thw)}); the engine encodes at most "
-                    f"{self.max_num_encoder_patches} per step (--max-num-encoder-patches): "
-                    "send a smaller image"
-                )
-        return None
 
     def _check(self, request: EngineRequest) -> str | None:
         try:

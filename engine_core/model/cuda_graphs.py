@@ -45,6 +45,26 @@ def buckets(max_batch: int) -> list[int]:
     return [*sizes, max_batch]
 
 
+def capture_decode_graphs(
+    decoder: Decoder,
+    rotary: RotaryEmbedding,
+    kv: torch.Tensor,
+    last_tokens: torch.Tensor,
+    max_model_len: int,
+    max_batch: int,
+    dtype: torch.dtype,
+) -> DecodeGraphs | None:
+    """The decode graphs; None (every step eager, with an error in the log) when capturing
+    fails: slower, but serving."""
+    try:
+        return DecodeGraphs(decoder, rotary, kv, last_tokens, max_model_len, max_batch, dtype)
+    except RuntimeError:
+        logger.exception("capturing the decode CUDA graphs failed; decoding eagerly")
+        torch.cuda.synchronize(kv.device)
+        torch.cuda.empty_cache()
+        return None
+
+
 class DecodeGraphs:
     """Captured decode steps over one KV cache; ``run`` replays the right one."""
 

@@ -20,7 +20,7 @@ import torch
 from engine_core.batch import Chunk, ImageRef, RunnerFacts, StepResult
 from engine_core.model import checks, step_inputs
 from engine_core.model.attention import build_meta, can_use_flash
-from engine_core.model.cuda_graphs import DecodeGraphs
+from engine_core.model.cuda_graphs import capture_decode_graphs
 from engine_core.model.encoder_cache import EncoderCache
 from engine_core.model.errors import ModelLoadError
 from engine_core.model.host import to_device
@@ -72,7 +72,17 @@ class DecoderRunner(ModelRunner):
         self.kv = allocate(self.spec, num_slots, self.max_model_len, dtype, device)
         #: the id last sampled for each slot: the next step's decodes read it on the device
         self.last_tokens = torch.zeros(num_slots, dtype=torch.int64, device=device)
-        self.graphs = self._capture(min(num_slots, config.max_num_seqs)) if is_fast else None
+        self.graphs = None
+        if is_fast:
+            self.graphs = capture_decode_graphs(
+                self.decoder,
+                self.rotary,
+                self.kv,
+                self.last_tokens,
+                self.max_model_len,
+                min(num_slots, config.max_num_seqs),
+                dtype,
+            )
         self.facts = RunnerFacts(
             model_name=config.served_model_name or config.model,
             max_model_len=self.max_model_len,
@@ -84,25 +94,6 @@ class DecoderRunner(ModelRunner):
             supports_generation=True,
             image_token_id=self.spec.image_token_id,
         )
-
-    def _capture(self, max_batch: int) -> DecodeGraphs | None:
-        """The decode graphs; None (every step eager, with an error in the log) when capturing
-        fails: slower, but serving."""
-        try:
-            return DecodeGraphs(
-                self.decoder,
-                self.rotary,
-                self.kv,
-                self.last_tokens,
-                self.max_model_len,
-                max_batch,
-                self.dtype,
-            )
-        except RuntimeError:
-            logger.exception("capturing the decode CUDA graphs failed; decoding eagerly")
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
-            return None
 
     def _use_graphs(self, config: EngineConfig) -> bool:
         return self.device.type == "cuda" and self.use_flash and not config.enforce_eager
@@ -199,7 +190,7 @@ class DecoderRunner(ModelRunner):
         live = []
         for c in chunks:
             rid = c.request.request_id
-            if rid not in self._failed and (problem := self._problem(c, states[rid])):
+            if rid not in self._failed and (problem := states[rid].problem(c)):
                 self._failed[rid] = RequestError(500, problem)
             if rid in self._failed:
                 failed[rid] = self._failed[rid]
@@ -238,19 +229,6 @@ class DecoderRunner(ModelRunner):
                 logger.error("request %s cannot run: %s", rid, exc)
                 failed[rid] = RequestError(503, str(exc))
         return states
-
-    @staticmethod
-    def _problem(chunk: Chunk, state: RequestState) -> str | None:
-        """Why this chunk cannot run although its request's state is fine, if it cannot."""
-        n = int(chunk.token_ids.size)
-        for i in state.touched(chunk.start, n):
-            if state.images[i].embeds is None:
-                return f"image {state.images[i].content_hash!r} was not encoded"
-        pooling = chunk.request.pooling
-        is_mean = chunk.wants_pooled and pooling is not None and pooling.pooling == "mean"
-        if is_mean and (chunk.start != 0 or n != chunk.request.prompt_token_ids.size):
-            return "mean pooling needs the whole prompt in one chunk"
-        return None
 
     def _forward(self, chunks: list[Chunk], states: list[RequestState], greedy: bool) -> StepResult:
         if not chunks:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine_core.batch import images_by_offset
+from engine_core.batch import Chunk, images_by_offset
 from engine_core.model.encoder_cache import EncoderCache
 from engine_core.model.host import pinned
 from engine_core.model.positions import mrope_positions, text_positions
@@ -79,6 +79,18 @@ class RequestState:
             for i, im in enumerate(self.images)
             if im.offset < start + n and start < im.offset + im.length
         ]
+
+    def problem(self, chunk: Chunk) -> str | None:
+        """Why ``chunk`` of this request cannot run this step, if it cannot."""
+        n = int(chunk.token_ids.size)
+        for i in self.touched(chunk.start, n):
+            if self.images[i].embeds is None:
+                return f"image {self.images[i].content_hash!r} was not encoded"
+        pooling = chunk.request.pooling
+        is_mean = chunk.wants_pooled and pooling is not None and pooling.pooling == "mean"
+        if is_mean and (chunk.start != 0 or n != self.prompt_len):
+            return "mean pooling needs the whole prompt in one chunk"
+        return None
 
     def place_images(self, embeds: torch.Tensor, start: int, n: int) -> None:
         """Overwrite the rows of ``embeds`` ((n, hidden), tokens ``start .. start + n``) that are
