@@ -26,6 +26,9 @@ from ipc.config import EngineConfig
 
 logger = logging.getLogger(__name__)
 
+#: How long the loop waits for an event after a step it could not schedule.
+STALL_WAIT_S = 1.0
+
 
 class Outbox(Protocol):
     """What the loop needs of ``EngineIO``."""
@@ -53,16 +56,27 @@ class EngineCore:
 
     def run(self) -> None:
         """Serve until SHUTDOWN (returns) or a fatal error (raises)."""
+        stalled = False
         while True:
             idle = not self.scheduler.has_work() and not self.pipeline.is_busy
-            for event in self._events(block=idle):
+            for event in self._events(STALL_WAIT_S if stalled else None if idle else 0.0):
                 if not self._handle(event):
                     return
-            self.pipeline.advance()
+            stalled = not self.pipeline.advance() and self.scheduler.has_work()
+            if stalled:
+                # Nothing could be scheduled although requests wait: a bug, not a state to
+                # spin in. Say so and look again when something arrives (or shortly).
+                logger.error("no step could be scheduled: %s", self.scheduler.stats())
             self._flush()
 
-    def _events(self, block: bool) -> list[InboxEvent]:
-        events = [self._io.inbox.get()] if block else []
+    def _events(self, wait_s: float | None) -> list[InboxEvent]:
+        """Everything in the inbox; first waiting up to ``wait_s`` (None: for ever) for one."""
+        events = []
+        if wait_s != 0.0:
+            try:
+                events.append(self._io.inbox.get(timeout=wait_s))
+            except queue.Empty:
+                return events
         while True:
             try:
                 events.append(self._io.inbox.get_nowait())
