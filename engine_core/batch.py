@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ipc.messages import EngineRequest
+from ipc.messages import EngineRequest, MultiModalItem, RequestError
 
 
 @dataclass(slots=True)
@@ -30,15 +30,40 @@ class Chunk:
     #: True when the step must return the pooled hidden state (last prefill chunk of a pooling
     #: request; pooling requests are prefilled in one chunk).
     wants_pooled: bool = False
+    #: True for a decode whose one token is the one the previous step sampled for this slot:
+    #: the step was scheduled before that token came back, so ``token_ids`` holds it only once
+    #: the previous step is resolved, and the runner takes it from the device (``feed``).
+    feeds_sampled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRef:
+    """Image ``index`` (in ``images_by_offset`` order) of ``request``, to encode this step."""
+
+    request: EngineRequest
+    index: int
+
+
+def images_by_offset(request: EngineRequest) -> list[MultiModalItem]:
+    """A request's images in prompt order: the order both sides number them in."""
+    return sorted(request.mm_items, key=lambda item: item.offset)
 
 
 @dataclass(slots=True)
 class StepResult:
-    """``logits[i]`` (float32, (vocab,)) belongs to the i-th chunk with ``wants_logits``;
-    ``pooled`` maps request id -> float32 (hidden,) embedding (already pooled, not normalized)."""
+    """What one ``execute`` queued on the device; nothing here has been waited for.
 
-    logits: torch.Tensor
-    pooled: dict[str, np.ndarray] = field(default_factory=dict)
+    Rows of ``logits`` (float32, (n, vocab)) or of ``token_ids`` (int64, (n,), the greedy pick
+    when the step asked for it) belong, in order, to the chunks with ``wants_logits`` whose
+    request did not fail. ``pooled`` maps request id -> float32 (hidden,) embedding (pooled,
+    not normalized). ``failed`` maps request id -> why that request's work failed this step;
+    its chunks were left out and every other chunk ran.
+    """
+
+    logits: torch.Tensor | None
+    token_ids: torch.Tensor | None = None
+    pooled: dict[str, torch.Tensor] = field(default_factory=dict)
+    failed: dict[str, RequestError] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,9 +1,12 @@
-"""The busy loop: schedule -> execute -> sample -> emit, blocking on the inbox only when idle.
+"""The busy loop: inbox events, then one pipeline step (schedule -> execute -> sample, one step
+ahead of the results, see ``engine_core.pipeline``), then emit; it blocks on the inbox only
+when idle.
 
 Runs in the engine's main thread. It never touches the socket: ``EngineIO`` decodes what API
 servers send and encodes what this loop hands back. Errors that belong to one request become
-that request's error output (see ``Scheduler.add``); anything that escapes ``run`` is fatal and
-``engine_core.__main__`` turns it into ENGINE_DEAD for every client.
+that request's error output (see ``Scheduler.add`` and ``StepResult.failed``); anything that
+escapes ``run`` is fatal and ``engine_core.__main__`` turns it into ENGINE_DEAD for every
+client.
 """
 
 from __future__ import annotations
@@ -14,28 +17,17 @@ from typing import Any, Protocol
 
 import msgspec
 
-from engine_core.batch import Chunk, RunnerFacts, StepResult
 from engine_core.io_thread import ClientGone, InboxEvent, IOFailed
+from engine_core.pipeline import Pipeline, Runner
 from engine_core.sampler import Sampler
-from engine_core.scheduler import ScheduledStep, Scheduler
+from engine_core.scheduler import Scheduler
 from ipc import messages
 from ipc.config import EngineConfig
 
 logger = logging.getLogger(__name__)
 
-
-class Runner(Protocol):
-    """What the loop needs of ``engine_core.model.runner.ModelRunner``."""
-
-    facts: RunnerFacts
-
-    def check_request(self, request: messages.EngineRequest) -> str | None: ...
-
-    def execute(self, chunks: list[Chunk]) -> StepResult: ...
-
-    def release(self, request_id: str) -> None: ...
-
-    def reset_encoder_cache(self) -> None: ...
+#: How long the loop waits for an event after a step it could not schedule.
+STALL_WAIT_S = 1.0
 
 
 class Outbox(Protocol):
@@ -57,24 +49,34 @@ class EngineCore:
 
     def __init__(self, config: EngineConfig, runner: Runner, sampler: Sampler, io: Outbox) -> None:
         self._runner = runner
-        self._sampler = sampler
         self._io = io
         self._pending: dict[bytes, list[messages.RequestOutput]] = {}
         self.scheduler = Scheduler(config, runner.facts, runner, self._collect)
+        self.pipeline = Pipeline(self.scheduler, runner, sampler)
 
     def run(self) -> None:
         """Serve until SHUTDOWN (returns) or a fatal error (raises)."""
+        stalled = False
         while True:
-            for event in self._events(block=not self.scheduler.has_work()):
+            idle = not self.scheduler.has_work() and not self.pipeline.is_busy
+            for event in self._events(STALL_WAIT_S if stalled else None if idle else 0.0):
                 if not self._handle(event):
                     return
-            step = self.scheduler.schedule()
-            if step.chunks:
-                self._execute(step)
+            stalled = not self.pipeline.advance() and self.scheduler.has_work()
+            if stalled:
+                # Nothing could be scheduled although requests wait: a bug, not a state to
+                # spin in. Say so and look again when something arrives (or shortly).
+                logger.error("no step could be scheduled: %s", self.scheduler.stats())
             self._flush()
 
-    def _events(self, block: bool) -> list[InboxEvent]:
-        events = [self._io.inbox.get()] if block else []
+    def _events(self, wait_s: float | None) -> list[InboxEvent]:
+        """Everything in the inbox; first waiting up to ``wait_s`` (None: for ever) for one."""
+        events = []
+        if wait_s != 0.0:
+            try:
+                events.append(self._io.inbox.get(timeout=wait_s))
+            except queue.Empty:
+                return events
         while True:
             try:
                 events.append(self._io.inbox.get_nowait())
@@ -125,18 +127,6 @@ class EngineCore:
             logger.exception("utility call %s failed", call.op)
             return messages.UtilityResult(call.call_id, error=repr(exc))
         return messages.UtilityResult(call.call_id, result)
-
-    def _execute(self, step: ScheduledStep) -> None:
-        result = self._runner.execute(step.chunks)
-        sampling_seqs = [s for c, s in zip(step.chunks, step.seqs, strict=True) if c.wants_logits]
-        tokens: list[int] = []
-        logprobs: list[messages.TokenLogprobs | None] = []
-        if sampling_seqs:
-            sampled = self._sampler.sample(
-                result.logits, sampling_seqs, self._runner.facts.eos_token_ids
-            )
-            tokens, logprobs = sampled.token_ids, sampled.logprobs
-        self.scheduler.update(step, tokens, logprobs, result.pooled)
 
     def _collect(self, client: bytes, output: messages.RequestOutput) -> None:
         self._pending.setdefault(client, []).append(output)

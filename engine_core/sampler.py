@@ -9,23 +9,64 @@ model distribution (``log_softmax`` of the logits before any processing), as vLL
 Draws use the exponential-race form ``argmax(p / q)``, ``q ~ Exp(1)``, which equals sampling from
 ``p``. A seeded request draws its ``q`` row from its own generator, seeded once at its first draw,
 so its tokens do not depend on which other requests share the step.
+
+Nothing here waits for the device: every choice that depends on the parameters is made on the
+host, host-side values reach the device through pinned memory, and the results stay device
+tensors (``SamplerOutput``) until the engine loop copies them back (``SamplerOutput.tensors``,
+``resolve``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from engine_core.model.host import to_device
 from engine_core.sequence import Sequence
 from ipc.messages import TokenLogprobs
 
 
 @dataclass(slots=True)
 class SamplerOutput:
-    token_ids: list[int]
-    logprobs: list[TokenLogprobs | None]
+    """Device results of one ``sample``: ``token_ids`` (n,) int64, and when any row asked for
+    logprobs, ``logprobs`` = (chosen (n,), top values (n, k), top ids (n, k)) with
+    ``num_logprobs[i]`` the number row i asked for (None: none)."""
+
+    token_ids: torch.Tensor
+    logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    num_logprobs: list[int | None] = field(default_factory=list)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """What the host needs back, in the order ``resolve`` takes it."""
+        return [self.token_ids, *(self.logprobs or ())]
+
+    def resolve(self, host: list[torch.Tensor]) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """Token ids and per-row logprobs from host copies of ``tensors()``."""
+        tokens = host[0].tolist()
+        if self.logprobs is None:
+            return tokens, [None] * len(tokens)
+        chosen, top_values, top_ids = (t.tolist() for t in host[1:])
+        rows: list[TokenLogprobs | None] = [
+            None if k is None else TokenLogprobs(chosen[i], top_ids[i][:k], top_values[i][:k])
+            for i, k in enumerate(self.num_logprobs)
+        ]
+        return tokens, rows
+
+
+def is_plain_greedy(seqs: list[Sequence]) -> bool:
+    """Every row is an argmax of the raw logits: greedy, no penalty, no logprobs, no ids banned
+    (the runner may then pick the tokens itself, inside its decode graph)."""
+    for seq in seqs:
+        p = seq.sampling
+        if p is None or p.temperature != 0.0 or p.logprobs is not None:
+            return False
+        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+            return False
+        if seq.num_output_tokens < p.min_tokens:
+            return False
+    return True
 
 
 class Sampler:
@@ -42,24 +83,29 @@ class Sampler:
         params = [s.sampling for s in seqs]
         assert all(p is not None for p in params) and logits.shape[0] == len(seqs)
         logits = logits.to(self.device, torch.float32, copy=True)
-        wants_logprobs = any(p.logprobs is not None for p in params)  # type: ignore[union-attr]
+        num_logprobs = [p.logprobs for p in params]  # type: ignore[union-attr]
+        wants_logprobs = any(k is not None for k in num_logprobs)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
         self._ban_until_min_tokens(logits, seqs, eos_token_ids)
         self.apply_penalties(logits, seqs)
-        temperature = self._column([p.temperature for p in params])  # type: ignore[union-attr]
-        is_greedy = temperature.squeeze(1) == 0.0
+        greedy_rows = [p.temperature == 0.0 for p in params]  # type: ignore[union-attr]
         tokens = logits.argmax(dim=-1)
-        if not bool(is_greedy.all()):
+        if not all(greedy_rows):
+            temperature = self._column([p.temperature for p in params])  # type: ignore[union-attr]
             drawn = self._draw(logits, seqs, temperature)
-            tokens = torch.where(is_greedy, tokens, drawn)
-        token_list = tokens.tolist()
-        logprobs: list[TokenLogprobs | None] = [None] * len(seqs)
-        if raw_logprobs is not None:
-            logprobs = _gather_logprobs(raw_logprobs, tokens, seqs)
-        return SamplerOutput(token_list, logprobs)
+            tokens = (
+                torch.where(to_device(np.asarray(greedy_rows), self.device), tokens, drawn)
+                if any(greedy_rows)
+                else drawn
+            )
+        if raw_logprobs is None:
+            return SamplerOutput(tokens)
+        return SamplerOutput(
+            tokens, _logprob_tensors(raw_logprobs, tokens, num_logprobs), num_logprobs
+        )
 
     def _column(self, values: list[float] | list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.float32, device=self.device).unsqueeze(1)
+        return to_device(np.asarray(values, dtype=np.float32), self.device).unsqueeze(1)
 
     def _ban_until_min_tokens(
         self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tuple[int, ...]
@@ -110,7 +156,7 @@ class Sampler:
         return counts
 
     def _index(self, values: list[int] | np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(values, dtype=np.int64), device=self.device)
+        return to_device(np.asarray(values, dtype=np.int64), self.device)
 
     def _draw(
         self, logits: torch.Tensor, seqs: list[Sequence], temperature: torch.Tensor
@@ -120,7 +166,9 @@ class Sampler:
         top_k = [p.top_k for p in params]  # type: ignore[union-attr]
         top_p = [p.top_p for p in params]  # type: ignore[union-attr]
         if any(top_k) or any(p < 1.0 for p in top_p):
-            scaled = _top_k_top_p(scaled, top_k, self._column(top_p))
+            vocab = logits.shape[1]
+            k = self._index([t if t > 0 else vocab for t in top_k]).unsqueeze(1)
+            scaled = _top_k_top_p(scaled, k, self._column(top_p))
         min_p = [p.min_p for p in params]  # type: ignore[union-attr]
         if any(min_p):
             probs = torch.softmax(scaled, dim=-1)
@@ -138,12 +186,11 @@ class Sampler:
         return (probs / noise).argmax(dim=-1)
 
 
-def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: torch.Tensor) -> torch.Tensor:
-    """Mask all but each row's ``top_k`` (0: all) most likely tokens, then all but the smallest
+def _top_k_top_p(logits: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask all but each row's ``k`` ((rows, 1)) most likely tokens, then all but the smallest
     set whose probability reaches ``top_p`` (the most likely token always stays)."""
     vocab = logits.shape[1]
     ordered, order = logits.sort(dim=-1, descending=True)
-    k = torch.tensor([t if t > 0 else vocab for t in top_k], device=logits.device).unsqueeze(1)
     rank = torch.arange(vocab, device=logits.device).unsqueeze(0)
     ordered = ordered.masked_fill(rank >= k, float("-inf"))
     probs = torch.softmax(ordered, dim=-1)
@@ -152,18 +199,9 @@ def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: torch.Tensor) ->
     return torch.empty_like(logits).scatter_(1, order, ordered)
 
 
-def _gather_logprobs(
-    raw_logprobs: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]
-) -> list[TokenLogprobs | None]:
-    chosen = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
-    num_top = max(s.sampling.logprobs or 0 for s in seqs)  # type: ignore[union-attr]
-    top_values, top_ids = raw_logprobs.topk(num_top, dim=-1)
-    top_values_list, top_ids_list = top_values.tolist(), top_ids.tolist()
-    result: list[TokenLogprobs | None] = []
-    for i, seq in enumerate(seqs):
-        k = seq.sampling.logprobs  # type: ignore[union-attr]
-        if k is None:
-            result.append(None)
-        else:
-            result.append(TokenLogprobs(chosen[i], top_ids_list[i][:k], top_values_list[i][:k]))
-    return result
+def _logprob_tensors(
+    raw_logprobs: torch.Tensor, tokens: torch.Tensor, num_logprobs: list[int | None]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    chosen = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    top_values, top_ids = raw_logprobs.topk(max(k or 0 for k in num_logprobs), dim=-1)
+    return chosen, top_values, top_ids

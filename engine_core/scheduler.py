@@ -12,6 +12,16 @@ better priority than the worst running one, when no slot is free, preempts it by
 victim's slot is freed and it goes back to waiting with its generated tokens folded into its
 prompt, to be prefilled again later.
 
+Images: besides tokens, each step has an encoder budget in patches (``EncoderPlan``): a chunk
+stops before an image the budget cannot take, and what is left encodes the next images of
+prefilling and waiting requests ahead of their chunks.
+
+One step may be in flight while the next is scheduled (``engine_core.pipeline``): scheduling
+counts the tokens it asks for as computed at once, and a decode whose input token is still on
+the device is fed from there (``Chunk.feeds_sampled``). ``update`` resolves a step later; a
+request that finished or was aborted meanwhile has its late results dropped. Preemption folds
+known tokens into the prompt, so it waits until nothing is in flight (``needs_sync``).
+
 Pure Python over ``Sequence`` records: the runner is only asked to validate (``check_request``)
 and to forget (``release``) requests, so the scheduler is testable without a model.
 """
@@ -29,7 +39,8 @@ from typing import Protocol
 import msgspec
 import numpy as np
 
-from engine_core.batch import Chunk, RunnerFacts
+from engine_core.batch import Chunk, ImageRef, RunnerFacts
+from engine_core.encoder_plan import EncoderPlan, encoder_budget_error
 from engine_core.sequence import Sequence, SequenceStatus
 from engine_core.validation import validate_request
 from ipc.config import EngineConfig
@@ -48,10 +59,12 @@ class RequestGate(Protocol):
 
 @dataclass(slots=True)
 class ScheduledStep:
-    """One step's work: ``chunks[i]`` belongs to ``seqs[i]``."""
+    """One step's work: ``chunks[i]`` belongs to ``seqs[i]``; ``encodes`` are the images the
+    step encodes (those its chunks touch first, then some ahead of their chunks)."""
 
     chunks: list[Chunk]
     seqs: list[Sequence]
+    encodes: list[ImageRef]
 
     @property
     def num_tokens(self) -> int:
@@ -72,6 +85,7 @@ class Scheduler:
         self.facts = facts
         self.max_num_seqs = min(config.max_num_seqs, facts.num_slots)
         self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.max_num_encoder_patches = config.max_num_encoder_patches
         self.enable_chunked_prefill = config.enable_chunked_prefill
         self.allow_priority = config.scheduling_policy == "priority"
         self._gate = gate
@@ -90,6 +104,8 @@ class Scheduler:
         message = validate_request(request, self.facts, self.allow_priority)
         if message is None and request.request_id in self._live:
             message = f"request id {request.request_id!r} is already running"
+        if message is None:
+            message = encoder_budget_error(request, self.max_num_encoder_patches)
         if message is None:
             message = self._check(request)
         if message is not None:
@@ -126,31 +142,51 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def needs_sync(self) -> bool:
+        """True when the next ``schedule`` would preempt: it must not while a step is in
+        flight (a victim's tokens are folded into its prompt, and they must all be known)."""
+        return bool(self._preemption_victims())
+
     def schedule(self) -> ScheduledStep:
-        """Pick this step's chunks. Expired waiting requests are finished here."""
+        """Pick this step's chunks and images. Expired waiting requests are finished here."""
         self._expire_deadlines()
-        self._preempt_for_priority()
-        step = ScheduledStep([], [])
+        for victim in self._preemption_victims():
+            self._preempt(victim)
+        step = ScheduledStep([], [], [])
+        plan = EncoderPlan(self.max_num_encoder_patches, self.max_num_batched_tokens)
         budget = self.max_num_batched_tokens
         # Decodes first (one token each, latency-critical), then chunks of running prefills.
         for seq in sorted(self.running, key=lambda s: s.is_prefill):
             if budget == 0:
                 break
-            budget -= self._add_chunk(step, seq, min(seq.num_pending, budget))
+            if seq.is_done_asking:
+                continue  # its last token is in flight
+            n = plan.fit(seq, seq.num_computed, min(seq.num_pending, budget))
+            if n > 0:
+                budget -= self._add_chunk(step, seq, n)
         while self.waiting and budget > 0 and self._has_free_slot():
             seq = self.waiting[0]
             take = self._admission_size(seq, budget)
             if take == 0:
                 break
-            if seq.num_preemptions and (message := self._check(seq.request)):
-                self._finish(seq, "error", RequestError(400, message))
-                continue
+            if seq.needs_check:  # preempted: the runner forgot it; validate it again
+                if message := self._check(seq.request):
+                    self._finish(seq, "error", RequestError(400, message))
+                    continue
+                seq.needs_check = False
+            fitted = plan.fit(seq, 0, take)
+            if fitted < take and not self._may_split(seq):
+                fitted = 0
+            if fitted == 0:
+                break
             self.waiting.pop(0)
             seq.status = SequenceStatus.RUNNING
             seq.slot = self._free_slots.pop()
             self.running.append(seq)
             self.num_admitted += 1
-            budget -= self._add_chunk(step, seq, take)
+            budget -= self._add_chunk(step, seq, fitted)
+        plan.encode_ahead([*(s for s in self.running if s.is_prefill), *self.waiting])
+        step.encodes = plan.refs
         return step
 
     def update(
@@ -159,18 +195,30 @@ class Scheduler:
         sampled: list[int],
         logprobs: list[TokenLogprobs | None],
         pooled: dict[str, np.ndarray],
+        failed: dict[str, RequestError] | None = None,
     ) -> None:
-        """Apply one executed step and emit its deltas: ``sampled[i]`` and ``logprobs[i]``
-        belong to the i-th chunk that wanted logits, ``pooled`` maps request id -> embedding."""
+        """Resolve one executed step and emit its deltas: ``sampled[i]`` and ``logprobs[i]``
+        belong to the i-th chunk that wanted logits and did not fail, ``pooled`` maps request
+        id -> embedding, ``failed`` request id -> the error its request ends with. Results of
+        requests that ended since the step was scheduled are dropped."""
+        failed = failed or {}
         draws = iter(zip(sampled, logprobs, strict=True))
         for chunk, seq in zip(step.chunks, step.seqs, strict=True):
-            seq.num_computed += len(chunk.token_ids)
+            error = failed.get(seq.request_id)
+            draw = next(draws) if chunk.wants_logits and error is None else None
+            if seq.status is SequenceStatus.FINISHED:
+                continue
+            if chunk.wants_logits:
+                seq.num_inflight -= 1
+            if error is not None:
+                self._finish(seq, "error", error)
+                continue
             out = RequestOutput(seq.request_id, num_prompt_tokens=seq.num_prompt_tokens)
             if chunk.wants_pooled:
                 out.embedding = _pooled_embedding(pooled[seq.request_id], seq)
                 self._finish(seq, "stop", output=out)
-            elif chunk.wants_logits:
-                token, token_logprobs = next(draws)
+            elif draw is not None:
+                token, token_logprobs = draw
                 seq.append_token(token)
                 out.new_token_ids = [token]
                 out.logprobs = None if token_logprobs is None else [token_logprobs]
@@ -179,6 +227,11 @@ class Scheduler:
                     self._emit(seq.client, out)
                 else:
                     self._finish(seq, reason, output=out)
+        # Requests that failed without a chunk in the step (an image encoded ahead).
+        for request_id, error in failed.items():
+            seq = self._live.get(request_id)
+            if seq is not None:
+                self._finish(seq, "error", error)
 
     def load(self) -> EngineLoad:
         """Load snapshot for API servers. KV usage counts slots: a taken slot is capacity gone
@@ -221,39 +274,49 @@ class Scheduler:
         need = seq.num_pending
         if need <= budget:
             return need
-        if seq.pooling is None and self.enable_chunked_prefill:
+        if self._may_split(seq):
             return budget
         if need > self.max_num_batched_tokens:
             return need
         return 0
 
+    def _may_split(self, seq: Sequence) -> bool:
+        return seq.pooling is None and self.enable_chunked_prefill
+
     def _add_chunk(self, step: ScheduledStep, seq: Sequence, n: int) -> int:
+        """Schedule ``n`` tokens of ``seq``: they count as computed from now on."""
         assert seq.slot is not None
         start = seq.num_computed
-        ends_prompt = start + n == seq.num_tokens
+        ends_prompt = n == seq.num_pending
         chunk = Chunk(
             request=seq.request,
             slot=seq.slot,
             start=start,
-            token_ids=seq.token_ids[start : start + n],
+            token_ids=seq.chunk_tokens(start, n),
             wants_logits=ends_prompt and seq.sampling is not None,
             wants_pooled=ends_prompt and seq.pooling is not None,
+            feeds_sampled=start >= seq.num_tokens,
         )
+        seq.num_computed += n
+        if chunk.wants_logits:
+            seq.num_inflight += 1
         step.chunks.append(chunk)
         step.seqs.append(seq)
         return n
 
-    def _preempt_for_priority(self) -> None:
-        """Free slots for waiting sequences that outrank running ones (recompute preemption)."""
+    def _preemption_victims(self) -> list[Sequence]:
+        """Running sequences to preempt (recompute) for waiting ones that outrank them."""
         free = min(len(self._free_slots), self.max_num_seqs - len(self.running))
-        for seq in list(self.waiting):
+        candidates = sorted(self.running, key=lambda s: s.rank, reverse=True)
+        victims: list[Sequence] = []
+        for seq in self.waiting:
             if free > 0:
                 free -= 1
                 continue
-            victim = max(self.running, key=lambda s: s.rank, default=None)
-            if victim is None or victim.request.priority <= seq.request.priority:
-                return
-            self._preempt(victim)
+            if not candidates or candidates[0].request.priority <= seq.request.priority:
+                break
+            victims.append(candidates.pop(0))
+        return victims
 
     def _preempt(self, seq: Sequence) -> None:
         self._free(seq)
@@ -263,6 +326,8 @@ class Scheduler:
         prompt = seq.token_ids.copy()
         seq.request = msgspec.structs.replace(seq.request, prompt_token_ids=prompt)
         seq.num_computed = 0
+        seq.num_encoded_images = 0  # the runner forgot them with the request's state
+        seq.needs_check = True
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self._enqueue(seq)

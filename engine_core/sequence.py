@@ -8,10 +8,12 @@ keeps only model-side state keyed by request id). Tokens live in one preallocate
 from __future__ import annotations
 
 import enum
+import math
 
 import numpy as np
 import torch
 
+from engine_core.batch import images_by_offset
 from ipc.messages import EngineRequest, PoolingParams, SamplingParams
 
 
@@ -22,9 +24,10 @@ class SequenceStatus(enum.Enum):
 
 
 class Sequence:
-    """One request inside the engine. ``num_computed`` tokens of ``token_ids`` are in the KV slot;
-    the tokens still to run are ``token_ids[num_computed:]`` (the whole prompt at first, then
-    during decode the one token sampled last step)."""
+    """One request inside the engine. ``num_computed`` tokens are in the KV slot or in a step
+    already queued on the device; the tokens still to run are the rest of the prompt, or during
+    decode the one token sampled last. ``num_inflight`` tokens have been asked of queued steps
+    and are not back yet: they come after ``token_ids``, which holds only known tokens."""
 
     __slots__ = (
         "request",
@@ -36,6 +39,10 @@ class Sequence:
         "num_tokens",
         "num_computed",
         "num_preemptions",
+        "needs_check",
+        "num_inflight",
+        "image_spans",
+        "num_encoded_images",
         "generator",
         "stop_ids",
         "stop_id_array",
@@ -58,6 +65,16 @@ class Sequence:
         self.num_tokens = self.num_prompt_tokens
         self.num_computed = 0
         self.num_preemptions = 0
+        #: True after a preemption until ``check_request`` accepted the request again
+        self.needs_check = False
+        self.num_inflight = 0
+        #: (offset, length, patches) of each image, in prompt order
+        self.image_spans = [
+            (item.offset, item.length, math.prod(item.grid_thw))
+            for item in images_by_offset(request)
+        ]
+        #: images (a prefix of ``image_spans``) whose encoding is queued or done in the runner
+        self.num_encoded_images = 0
         #: Generator of a seeded request, made by the sampler on its device at the first draw
         #: and kept (also across preemption), so the draws do not depend on the batch.
         self.generator: torch.Generator | None = None
@@ -100,12 +117,25 @@ class Sequence:
 
     @property
     def num_pending(self) -> int:
-        """Tokens to run before the next token can be sampled."""
-        return self.num_tokens - self.num_computed
+        """Tokens to run before the next token can be sampled (in-flight ones included)."""
+        return self.num_tokens + self.num_inflight - self.num_computed
 
     @property
     def is_prefill(self) -> bool:
-        return self.num_pending > 1 or self.num_output_tokens == 0
+        return self.num_pending > 1 or (self.num_output_tokens == 0 and self.num_inflight == 0)
+
+    @property
+    def is_done_asking(self) -> bool:
+        """Every token max_tokens allows has been sampled or asked for."""
+        params = self.sampling
+        return (
+            params is not None and self.num_output_tokens + self.num_inflight >= params.max_tokens
+        )
+
+    def chunk_tokens(self, start: int, n: int) -> np.ndarray:
+        """(n,) int32 view of positions ``start .. start + n``; a position not known yet (an
+        in-flight token) shows its value once ``append_token`` writes it."""
+        return self._buffer[start : start + n]
 
     def append_token(self, token_id: int) -> None:
         self._buffer[self.num_tokens] = token_id

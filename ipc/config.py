@@ -53,7 +53,8 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         bool, Meta(description="split long prompts over several engine steps")
     ] = True
     enforce_eager: Annotated[
-        bool, Meta(description="run every step eagerly: no CUDA graphs for decode steps")
+        bool,
+        Meta(description="run every step eagerly: no CUDA graphs, no compiled kernels"),
     ] = False
     scheduling_policy: Annotated[
         Literal["fcfs", "priority"],
@@ -70,3 +71,11 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             "transformers' torchvision one), or normalized in the vision tower's dtype"
         ),
     ] = "auto"
+    max_num_encoder_patches: Annotated[
+        int,
+        Meta(
+            ge=16,
+            description="vision-encoder budget of one engine step, in image patches (a "
+            "1920x1080 photo is about 4,900); a larger image is refused",
+        ),
+    ] = 16384

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from engine_core.model.host import to_device
 
 
 @dataclass(slots=True)
@@ -42,23 +45,21 @@ def build_meta(
     device: torch.device,
     use_flash: bool,
 ) -> AttnMeta:
-    """Metadata for one step; the flash-op tensors only when ``use_flash``."""
-    rows = [
-        torch.arange(s * max_len + p, s * max_len + p + n)
-        for s, p, n in zip(slots, starts, lens, strict=True)
-    ]
-    meta = AttnMeta(slots, starts, lens, torch.cat(rows).to(device, non_blocking=True))
+    """Metadata for one step (uploads queued from pinned memory); the flash-op tensors only when
+    ``use_flash``."""
+    slot, start, n = (np.asarray(v, dtype=np.int64) for v in (slots, starts, lens))
+    rows = np.repeat(slot * max_len + start - np.cumsum(n) + n, n) + np.arange(int(n.sum()))
+    meta = AttnMeta(slots, starts, lens, to_device(rows, device))
     if use_flash:
-        q_off = [0]
-        for n in lens:
-            q_off.append(q_off[-1] + n)
+        used = start + n
+        host = np.zeros((3, len(lens) + 1), dtype=np.int32)
+        host[0, 1:] = np.cumsum(n)  # cum_seq_q
         # The last cum_seq_k entry is never read as a start when seqused_k is given.
-        k_off = [s * max_len for s in slots] + [0]
-        meta.cum_seq_q = torch.tensor(q_off, dtype=torch.int32).to(device, non_blocking=True)
-        meta.cum_seq_k = torch.tensor(k_off, dtype=torch.int32).to(device, non_blocking=True)
-        used = [p + n for p, n in zip(starts, lens, strict=True)]
-        meta.seqused_k = torch.tensor(used, dtype=torch.int32).to(device, non_blocking=True)
-        meta.max_q, meta.max_k = max(lens), max(used)
+        host[1, :-1] = slot * max_len
+        host[2, :-1] = used
+        flash = to_device(host, device)
+        meta.cum_seq_q, meta.cum_seq_k, meta.seqused_k = flash[0], flash[1], flash[2, :-1]
+        meta.max_q, meta.max_k = int(n.max()), int(used.max())
     return meta
 
 

@@ -7,11 +7,13 @@ caller's job.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from transformers import AutoModel
 
-from engine_core.batch import Chunk, RunnerFacts, StepResult
+from engine_core.batch import Chunk, ImageRef, RunnerFacts, StepResult
 from engine_core.model import checks
 from engine_core.model.errors import ModelLoadError
 from engine_core.model.runner import ModelRunner
@@ -59,9 +61,11 @@ class EncoderRunner(ModelRunner):
         )
 
     @torch.no_grad()
-    def execute(self, chunks: list[Chunk]) -> StepResult:
+    def execute(
+        self, chunks: list[Chunk], *, encodes: Sequence[ImageRef] = (), greedy: bool = False
+    ) -> StepResult:
         """Pad the chunks into one batch, run the encoder, pool each row over its mask."""
-        pooled: dict[str, np.ndarray] = {}
+        pooled: dict[str, torch.Tensor] = {}
         todo = [c for c in chunks if c.wants_pooled and c.request.pooling is not None]
         if todo:
             lens = [int(c.token_ids.size) for c in todo]
@@ -78,8 +82,8 @@ class EncoderRunner(ModelRunner):
             for i, (c, n) in enumerate(zip(todo, lens, strict=True)):
                 kind = c.request.pooling.pooling  # type: ignore[union-attr]
                 vec = means[i] if kind == "mean" else hidden[i, 0 if kind == "cls" else n - 1]
-                pooled[c.request.request_id] = vec.cpu().numpy()
-        return StepResult(logits=torch.empty(0, self.vocab_size), pooled=pooled)
+                pooled[c.request.request_id] = vec
+        return StepResult(logits=torch.empty(0, self.vocab_size, device=self.device), pooled=pooled)
 
     def release(self, request_id: str) -> None:
         """Nothing is kept per request."""

@@ -3,14 +3,19 @@
 An eager decode step of a 2B model costs 20-30 ms of host work (Python and kernel launches, 28
 layers deep) for 1-2 ms of GPU work (bench/results/engine.md); replaying a captured graph removes
 the host part. One graph per batch bucket (1, 2, 4, 8, then multiples of 16 up to the largest
-batch). A step of n sequences replays the smallest bucket >= n, padded by repeating its first
-sequence: the pad rows write that sequence's K/V again into the same cache row (same values) and
-their logits are dropped.
+batch) and per variant: ``logits`` returns the float32 logits for the sampler, ``greedy`` also
+takes the argmax inside the graph, so a plain greedy step never leaves the device. A step of n
+sequences replays the smallest bucket >= n, padded by repeating its first sequence: the pad
+rows write that sequence's K/V again into the same cache row (same values) and their outputs
+are dropped.
 
-Everything a step varies lives in static device buffers: token ids, positions, the KV rows to
-write and the flash-attention metadata. ``max_seqlen_k`` is fixed at ``max_model_len`` (the
-true lengths travel in ``seqused_k``), and graphs need the FlashAttention path, so they are used
-on CUDA in bf16/fp16 only.
+Everything a step varies lives in one static device buffer of inputs (token ids, positions,
+the KV rows to write, the flash-attention metadata, slots, and whether a row's token comes
+from the device), filled by one non-blocking copy from pinned memory. A row fed from the device
+reads its token from ``last_tokens[slot]``, which every step's sampled ids are written into
+(the greedy graphs do it themselves). ``max_seqlen_k`` is fixed at ``max_model_len`` (the true
+lengths travel in ``seqused_k``), and graphs need the FlashAttention path, so they are used on
+CUDA in bf16/fp16 only.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ logger = logging.getLogger(__name__)
 
 # Rows of the input buffer, each (max_batch + 1,) int64; only K_START uses the extra column
 # (cum_seq_k has one entry more than the batch).
-IDS, POSITION, WRITE_ROW, K_START, K_LEN = range(5)
+IDS, POSITION, WRITE_ROW, K_START, K_LEN, SLOT, FED = range(7)
+NUM_INPUTS = 7
+VARIANTS = ("logits", "greedy")
 
 
 def buckets(max_batch: int) -> list[int]:
@@ -36,6 +43,26 @@ def buckets(max_batch: int) -> list[int]:
     sizes = [b for b in (1, 2, 4, 8) if b < max_batch]
     sizes += list(range(16, max_batch, 16))
     return [*sizes, max_batch]
+
+
+def capture_decode_graphs(
+    decoder: Decoder,
+    rotary: RotaryEmbedding,
+    kv: torch.Tensor,
+    last_tokens: torch.Tensor,
+    max_model_len: int,
+    max_batch: int,
+    dtype: torch.dtype,
+) -> DecodeGraphs | None:
+    """The decode graphs; None (every step eager, with an error in the log) when capturing
+    fails: slower, but serving."""
+    try:
+        return DecodeGraphs(decoder, rotary, kv, last_tokens, max_model_len, max_batch, dtype)
+    except RuntimeError:
+        logger.exception("capturing the decode CUDA graphs failed; decoding eagerly")
+        torch.cuda.synchronize(kv.device)
+        torch.cuda.empty_cache()
+        return None
 
 
 class DecodeGraphs:
@@ -46,25 +73,29 @@ class DecodeGraphs:
         decoder: Decoder,
         rotary: RotaryEmbedding,
         kv: torch.Tensor,
+        last_tokens: torch.Tensor,
         max_model_len: int,
         max_batch: int,
         dtype: torch.dtype,
     ) -> None:
         self._decoder, self._rotary, self._kv, self._dtype = decoder, rotary, kv, dtype
+        self._last_tokens = last_tokens
         self._max_len = max_model_len
         self.buckets = buckets(max_batch)
         device = kv.device
-        self._inputs = torch.zeros(5, max_batch + 1, dtype=torch.int64, device=device)
+        self._inputs = torch.zeros(NUM_INPUTS, max_batch + 1, dtype=torch.int64, device=device)
         self._inputs[K_LEN] = 1  # capture-time inputs: token 0 at position 0 of slot 0
         self._cum_q = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graphs: dict[tuple[str, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         before = torch.cuda.memory_reserved(device)
         pool = torch.cuda.graph_pool_handle()
         for b in reversed(self.buckets):  # largest first: smaller ones reuse its pool memory
-            self._graphs[b] = self._capture(b, pool)
+            for variant in VARIANTS:
+                self._graphs[variant, b] = self._capture(variant, b, pool)
         logger.info(
-            "captured decode CUDA graphs for batch sizes %s (%.0f MiB)",
+            "captured decode CUDA graphs for batch sizes %s, %d variants (%.0f MiB)",
             self.buckets,
+            len(VARIANTS),
             (torch.cuda.memory_reserved(device) - before) / 2**20,
         )
 
@@ -74,28 +105,39 @@ class DecodeGraphs:
 
     @torch.no_grad()
     def run(
-        self, token_ids: list[int], positions: list[int], slots: list[int], starts: list[int]
+        self,
+        token_ids: list[int],
+        positions: list[int],
+        slots: list[int],
+        starts: list[int],
+        fed: list[bool],
+        greedy: bool,
     ) -> torch.Tensor:
-        """Decode one token for each sequence: ``token_ids[i]`` at cache position ``starts[i]``
-        of slot ``slots[i]``, rotary position ``positions[i]``. Returns float32 logits
-        (n, vocab), a copy (the graph's output buffer is overwritten by the next replay)."""
+        """Decode one token for each sequence: ``token_ids[i]`` (or, where ``fed[i]``, the id
+        last sampled for its slot) at cache position ``starts[i]`` of slot ``slots[i]``,
+        rotary position ``positions[i]``. Returns float32 logits (n, vocab), or with
+        ``greedy`` the argmax ids (n,) int64: views of the graph's output, valid until the
+        next replay is queued."""
         n = len(token_ids)
         b = next(size for size in self.buckets if size >= n)
-        host = np.empty((5, b + 1), dtype=np.int64)
+        host = torch.empty((NUM_INPUTS, b + 1), dtype=torch.int64, pin_memory=True)
+        rows = host.numpy()
         slot = np.asarray(slots, dtype=np.int64)
         start = np.asarray(starts, dtype=np.int64)
-        host[IDS, :n] = token_ids
-        host[POSITION, :n] = positions
-        host[WRITE_ROW, :n] = slot * self._max_len + start
-        host[K_START, :n] = slot * self._max_len
-        host[K_LEN, :n] = start + 1
-        host[:, n:] = host[:, :1]  # pad rows repeat the first sequence
-        self._inputs[:, : b + 1].copy_(torch.from_numpy(host))
-        graph, logits = self._graphs[b]
+        rows[IDS, :n] = token_ids
+        rows[POSITION, :n] = positions
+        rows[WRITE_ROW, :n] = slot * self._max_len + start
+        rows[K_START, :n] = slot * self._max_len
+        rows[K_LEN, :n] = start + 1
+        rows[SLOT, :n] = slot
+        rows[FED, :n] = fed
+        rows[:, n:] = rows[:, :1]  # pad rows repeat the first sequence
+        self._inputs[:, : b + 1].copy_(host, non_blocking=True)
+        graph, out = self._graphs["greedy" if greedy else "logits", b]
         graph.replay()
-        return logits[:n].clone()
+        return out[:n]
 
-    def _forward(self, b: int) -> torch.Tensor:
+    def _forward(self, variant: str, b: int) -> torch.Tensor:
         inputs = self._inputs
         meta = AttnMeta(
             slots=[],
@@ -108,19 +150,28 @@ class DecodeGraphs:
             max_q=1,
             max_k=self._max_len,
         )
-        embeds = self._decoder.embed_tokens(inputs[IDS, :b])
+        slots = inputs[SLOT, :b]
+        ids = torch.where(inputs[FED, :b] != 0, self._last_tokens[slots], inputs[IDS, :b])
+        embeds = self._decoder.embed_tokens(ids)
         cos, sin = self._rotary.cos_sin(inputs[POSITION, :b].expand(3, -1), self._dtype)
-        return self._decoder.logits(self._decoder(embeds, cos, sin, self._kv, meta))
+        logits = self._decoder.logits(self._decoder(embeds, cos, sin, self._kv, meta))
+        if variant == "logits":
+            return logits
+        tokens = logits.argmax(dim=-1)
+        self._last_tokens.index_copy_(0, slots, tokens)
+        return tokens
 
     @torch.no_grad()
-    def _capture(self, b: int, pool: tuple[int, int]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(
+        self, variant: str, b: int, pool: tuple[int, int]
+    ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         # Warm up on a side stream first (lazy cuBLAS/flash initialisation must not be captured).
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self._forward(b)
+            self._forward(variant, b)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
-            logits = self._forward(b)
-        return graph, logits
+            out = self._forward(variant, b)
+        return graph, out

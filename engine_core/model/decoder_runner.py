@@ -1,23 +1,34 @@
 """The runner of decoder models (Qwen2 / Qwen2.5 / Llama / Qwen2-VL / Qwen2.5-VL).
 
-One step: embed the concatenated new tokens of all chunks, place image embeddings, compute
-positions (1-D or M-RoPE), run the decoder over the per-slot KV cache, and return last-token
-logits / pooled hidden states for the chunks that want them.
+One step: encode the step's images (one batched vision call, ``image_step``), embed the
+concatenated new tokens of all chunks, place image embeddings, compute positions (1-D or
+M-RoPE), run the decoder over the per-slot KV cache, and return last-token logits (or greedy
+ids) and pooled hidden states for the chunks that want them. Everything is queued on the device;
+nothing waits for the GPU. A failure inside one request's work (its state, its images) leaves
+that request out of the step and comes back in ``StepResult.failed``; only a failure of the
+batched forward itself raises.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
-from engine_core.batch import Chunk, RunnerFacts, StepResult
-from engine_core.model import checks
+from engine_core.batch import Chunk, ImageRef, RunnerFacts, StepResult
+from engine_core.model import checks, step_inputs
 from engine_core.model.attention import build_meta, can_use_flash
-from engine_core.model.cuda_graphs import DecodeGraphs
+from engine_core.model.cuda_graphs import capture_decode_graphs
 from engine_core.model.encoder_cache import EncoderCache
 from engine_core.model.errors import ModelLoadError
+from engine_core.model.host import to_device
+from engine_core.model.image_step import encode_images
+from engine_core.model.kernels import Kernels
 from engine_core.model.kv_cache import allocate, bytes_per_token, count_slots
 from engine_core.model.loader import iter_tensors
+from engine_core.model.memory import cuda_kv_budget
 from engine_core.model.pixels import PixelInput
 from engine_core.model.qwen2 import Decoder
 from engine_core.model.request_state import RequestState
@@ -26,11 +37,11 @@ from engine_core.model.runner import ModelRunner
 from engine_core.model.spec import DecoderSpec, ModelSpec
 from engine_core.model.vision import VisionEncoder
 from ipc.config import EngineConfig
-from ipc.messages import EngineRequest
+from ipc.messages import EngineRequest, RequestError
+
+logger = logging.getLogger(__name__)
 
 _POOLINGS = ("last", "mean")
-#: KV-budget headroom for the decode CUDA graphs' memory pool, besides their logits.
-GRAPH_FIXED_BYTES = 512 << 20
 
 
 class DecoderRunner(ModelRunner):
@@ -42,22 +53,33 @@ class DecoderRunner(ModelRunner):
         self.device, self.dtype = device, dtype
         self.use_flash = can_use_flash(device, dtype)
         self.max_model_len = self._max_model_len(config)
+        is_fast = self._use_graphs(config)
+        self.kernels = Kernels.compiled(device, dtype) if is_fast else Kernels.eager()
         self.decoder, self.vision = self._load(config)
         self.rotary = RotaryEmbedding(
             self.spec.text_config, self.spec.head_dim, self.spec.mrope_section
         ).to(device)
         self.encoder_cache = EncoderCache(config.encoder_cache_bytes)
         self.states: dict[str, RequestState] = {}
+        #: requests whose work failed, left out of every step until they are released
+        self._failed: dict[str, RequestError] = {}
         per_token = bytes_per_token(self.spec, dtype)
-        budget = config.cpu_kv_cache_bytes if device.type == "cpu" else self._cuda_kv_budget(config)
+        budget = (
+            config.cpu_kv_cache_bytes
+            if device.type == "cpu"
+            else cuda_kv_budget(self, config, is_fast)
+        )
         num_slots = count_slots(budget, config.max_num_seqs, self.max_model_len, per_token)
         self.kv = allocate(self.spec, num_slots, self.max_model_len, dtype, device)
+        #: the id last sampled for each slot: the next step's decodes read it on the device
+        self.last_tokens = torch.zeros(num_slots, dtype=torch.int64, device=device)
         self.graphs = None
-        if self._use_graphs(config):
-            self.graphs = DecodeGraphs(
+        if is_fast:
+            self.graphs = capture_decode_graphs(
                 self.decoder,
                 self.rotary,
                 self.kv,
+                self.last_tokens,
                 self.max_model_len,
                 min(num_slots, config.max_num_seqs),
                 dtype,
@@ -94,7 +116,7 @@ class DecoderRunner(ModelRunner):
         # Built on the meta device: every parameter is then loaded from the checkpoint, so
         # random initialisation would be wasted work.
         with torch.device("meta"):
-            decoder = Decoder(self.spec)
+            decoder = Decoder(self.spec, self.kernels)
         decoder = decoder.to_empty(device=self.device).to(self.dtype)
         decoder.tie()
         tensors = list(iter_tensors(model_dir))
@@ -105,43 +127,15 @@ class DecoderRunner(ModelRunner):
                 model_dir, self.spec.vision_config, self.device, self.dtype, config.pixel_transfer
             )
             vision = VisionEncoder(
-                self.spec.model_type, self.spec.vision_config, self.dtype, self.device, pixels
+                self.spec.model_type,
+                self.spec.vision_config,
+                self.dtype,
+                self.device,
+                self.kernels,
+                pixels,
             )
             vision.load_weights([t for t in tensors if t.key.startswith("visual.")], model_dir)
         return decoder.eval(), vision
-
-    def _cuda_kv_budget(self, config: EngineConfig) -> int:
-        """gpu_memory_utilization * total - peak use of weights plus a profiling forward pass of
-        max_num_batched_tokens (with a one-slot scratch cache that is not counted) - memory held
-        outside torch's allocator (CUDA context, other processes) - headroom for the decode
-        graphs (``GRAPH_FIXED_BYTES`` plus their logits). The vision tower's
-        activations are not profiled: leave headroom for large images."""
-        n = min(config.max_num_batched_tokens, self.max_model_len)
-        torch.cuda.synchronize(self.device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(self.device)
-        scratch = allocate(self.spec, 1, n, self.dtype, self.device)
-        meta = build_meta([0], [0], [n], n, self.device, self.use_flash)
-        with torch.no_grad():
-            cos, sin = self.rotary.cos_sin(
-                torch.zeros(3, n, dtype=torch.int64, device=self.device), self.dtype
-            )
-            embeds = torch.zeros(n, self.spec.hidden_size, dtype=self.dtype, device=self.device)
-            self.decoder.logits(self.decoder(embeds, cos, sin, scratch, meta)[-1:])
-        torch.cuda.synchronize(self.device)
-        peak = (
-            torch.cuda.max_memory_allocated(self.device) - scratch.numel() * scratch.element_size()
-        )
-        del scratch
-        torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info(self.device)
-        other = (total - free) - torch.cuda.memory_reserved(self.device)
-        # Decode graphs keep memory for good: 328 MiB for 8 buckets of the default model on an
-        # H100 (mostly fixed per-graph cost), plus their largest bucket's float32 logits.
-        graphs = 0
-        if self._use_graphs(config):
-            graphs = GRAPH_FIXED_BYTES + 2 * config.max_num_seqs * self.spec.vocab_size * 4
-        return int(config.gpu_memory_utilization * total - peak - other - graphs)
 
     def check_request(self, request: EngineRequest) -> str | None:
         merge = self.vision.merge_size if self.vision else 1
@@ -162,7 +156,7 @@ class DecoderRunner(ModelRunner):
         self.release(request.request_id)
         merge = self.vision.merge_size if self.vision else 1
         state = RequestState(
-            request, self.encoder_cache, merge, self.spec.mrope_section is not None
+            request, self.encoder_cache, merge, self.spec.mrope_section is not None, self.device
         )
         self.states[request.request_id] = state
         return state
@@ -178,19 +172,46 @@ class DecoderRunner(ModelRunner):
                 if im.pixels is None and im.embeds is None:
                     self.release(request.request_id)
                     raise RuntimeError(
-                        f"request {request.request_id}: image {im.content_hash!r} was evicted "
-                        "from the encoder cache while the request was preempted"
+                        f"image {im.content_hash!r} was evicted from the encoder cache while "
+                        "the request was preempted; send the request again"
                     )
         return state
 
     @torch.no_grad()
-    def execute(self, chunks: list[Chunk]) -> StepResult:
-        if not chunks:
-            return StepResult(logits=torch.empty(0, self.spec.vocab_size))
-        states = [self._state(c.request) for c in chunks]
-        lens = [int(c.token_ids.size) for c in chunks]
+    def execute(
+        self, chunks: list[Chunk], *, encodes: Sequence[ImageRef] = (), greedy: bool = False
+    ) -> StepResult:
+        self._check_bounds(chunks)
+        failed: dict[str, RequestError] = {}
+        states = self._states([c.request for c in chunks] + [r.request for r in encodes], failed)
+        wanted = [
+            (states[r.request.request_id], r.index)
+            for r in encodes
+            if r.request.request_id in states
+        ]
+        for c in chunks:
+            state = states.get(c.request.request_id)
+            if state is not None:
+                wanted += [(state, i) for i in state.touched(c.start, int(c.token_ids.size))]
+        encode_images(self.vision, self.encoder_cache, wanted, failed)
+        self._failed.update(failed)
+        live = []
+        for c in chunks:
+            rid = c.request.request_id
+            if rid not in self._failed and (problem := states[rid].problem(c)):
+                self._failed[rid] = RequestError(500, problem)
+            if rid in self._failed:
+                failed[rid] = self._failed[rid]
+            else:
+                live.append(c)
+        result = self._forward(live, [states[c.request.request_id] for c in live], greedy)
+        result.failed = failed
+        return result
+
+    def _check_bounds(self, chunks: list[Chunk]) -> None:
         num_slots = self.kv.shape[2]
-        for c, n in zip(chunks, lens, strict=True):
+        for c in chunks:
+            n = int(c.token_ids.size)
             if (
                 not 0 <= c.slot < num_slots
                 or n < 1
@@ -201,19 +222,49 @@ class DecoderRunner(ModelRunner):
                     f"chunk of {c.request.request_id} (slot {c.slot}, start "
                     f"{c.start}, {n} tokens) does not fit the KV cache"
                 )
+
+    def _states(
+        self, requests: list[EngineRequest], failed: dict[str, RequestError]
+    ) -> dict[str, RequestState]:
+        states: dict[str, RequestState] = {}
+        for request in requests:
+            rid = request.request_id
+            if rid in states or rid in self._failed or rid in failed:
+                continue
+            try:
+                states[rid] = self._state(request)
+            except RuntimeError as exc:
+                logger.error("request %s cannot run: %s", rid, exc)
+                failed[rid] = RequestError(503, str(exc))
+        return states
+
+    def _forward(self, chunks: list[Chunk], states: list[RequestState], greedy: bool) -> StepResult:
+        if not chunks:
+            empty = torch.empty(0, self.spec.vocab_size, device=self.device)
+            return StepResult(
+                logits=None if greedy else empty, token_ids=empty[:, 0].long() if greedy else None
+            )
         if self.graphs is not None and self._is_decode(chunks, states):
-            return StepResult(logits=self._decode_graphed(chunks, states))
-        ids = torch.from_numpy(np.concatenate([c.token_ids for c in chunks]).astype(np.int64))
-        embeds = self.decoder.embed_tokens(ids.to(self.device, non_blocking=True))
-        positions, offset = [], 0
-        for c, state, n in zip(chunks, states, lens, strict=True):
-            positions.append(state.chunk_positions(c.start, n))
+            out = self.graphs.run(
+                [int(c.token_ids[0]) if not c.feeds_sampled else 0 for c in chunks],
+                [c.start + s.rope_delta for c, s in zip(chunks, states, strict=True)],
+                [c.slot for c in chunks],
+                [c.start for c in chunks],
+                [c.feeds_sampled for c in chunks],
+                greedy,
+            )
+            return StepResult(logits=None, token_ids=out) if greedy else StepResult(logits=out)
+        embeds = self.decoder.embed_tokens(step_inputs.token_ids(chunks, self.last_tokens))
+        offset = 0
+        for c, state in zip(chunks, states, strict=True):
+            n = int(c.token_ids.size)
             if state.images:
-                state.place_images(
-                    embeds[offset : offset + n], c.start, n, self.vision, self.encoder_cache
-                )
+                state.place_images(embeds[offset : offset + n], c.start, n)
             offset += n
-        cos, sin = self.rotary.cos_sin(torch.cat(positions, dim=1).to(self.device), self.dtype)
+        cos, sin = self.rotary.cos_sin(
+            step_inputs.positions(chunks, states, self.device), self.dtype
+        )
+        lens = [int(c.token_ids.size) for c in chunks]
         meta = build_meta(
             [c.slot for c in chunks],
             [c.start for c in chunks],
@@ -223,7 +274,7 @@ class DecoderRunner(ModelRunner):
             self.use_flash,
         )
         hidden = self.decoder(embeds, cos, sin, self.kv, meta)
-        return self._outputs(chunks, lens, hidden)
+        return self._outputs(chunks, hidden, greedy)
 
     def _is_decode(self, chunks: list[Chunk], states: list[RequestState]) -> bool:
         """One generated token per chunk (past the prompt: no image placeholders), and few
@@ -234,35 +285,35 @@ class DecoderRunner(ModelRunner):
             for c, s in zip(chunks, states, strict=True)
         )
 
-    def _decode_graphed(self, chunks: list[Chunk], states: list[RequestState]) -> torch.Tensor:
-        assert self.graphs is not None
-        return self.graphs.run(
-            [int(c.token_ids[0]) for c in chunks],
-            [c.start + s.rope_delta for c, s in zip(chunks, states, strict=True)],
-            [c.slot for c in chunks],
-            [c.start for c in chunks],
-        )
-
-    def _outputs(self, chunks: list[Chunk], lens: list[int], hidden: torch.Tensor) -> StepResult:
-        ends = np.cumsum(lens)
-        rows = [int(end) - 1 for c, end in zip(chunks, ends, strict=True) if c.wants_logits]
-        logits = self.decoder.logits(hidden[rows]) if rows else torch.empty(0, self.spec.vocab_size)
-        pooled: dict[str, np.ndarray] = {}
-        for c, end, n in zip(chunks, ends, lens, strict=True):
-            if not c.wants_pooled or c.request.pooling is None:
+    def _outputs(self, chunks: list[Chunk], hidden: torch.Tensor, greedy: bool) -> StepResult:
+        rows = step_inputs.last_rows(chunks, self.device)
+        logits = self.decoder.logits(hidden.index_select(0, rows))
+        pooled: dict[str, torch.Tensor] = {}
+        ends = np.cumsum([c.token_ids.size for c in chunks])
+        for c, end in zip(chunks, ends, strict=True):
+            pooling = c.request.pooling
+            if not c.wants_pooled or pooling is None:
                 continue
-            if c.request.pooling.pooling == "last":
+            n = int(c.token_ids.size)
+            if pooling.pooling == "last":
                 vec = hidden[int(end) - 1]
-            elif c.start == 0 and n == c.request.prompt_token_ids.size:
-                vec = hidden[int(end) - n : int(end)].float().mean(0)
             else:
-                raise ValueError(
-                    f"mean pooling of {c.request.request_id} needs its whole prompt in one chunk"
-                )
-            pooled[c.request.request_id] = vec.float().cpu().numpy()
-        return StepResult(logits=logits, pooled=pooled)
+                vec = hidden[int(end) - n : int(end)].float().mean(0)
+            pooled[c.request.request_id] = vec.float()
+        if not greedy:
+            return StepResult(logits=logits, pooled=pooled)
+        token_ids = logits.argmax(dim=-1)
+        self.feed([c.slot for c in chunks if c.wants_logits], token_ids)
+        return StepResult(logits=None, token_ids=token_ids, pooled=pooled)
+
+    def feed(self, slots: list[int], token_ids: torch.Tensor) -> None:
+        """Keep ``token_ids[i]`` (device) as the id last sampled for ``slots[i]``."""
+        if slots:
+            index = to_device(np.asarray(slots, dtype=np.int64), self.device)
+            self.last_tokens.index_copy_(0, index, token_ids)
 
     def release(self, request_id: str) -> None:
+        self._failed.pop(request_id, None)
         state = self.states.pop(request_id, None)
         if state is not None:
             state.release(self.encoder_cache)

@@ -32,6 +32,11 @@ class EncoderCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    @property
+    def num_pinned(self) -> int:
+        """Entries some admitted request still holds."""
+        return sum(1 for e in self._entries.values() if e.holders)
+
     def acquire(self, content_hash: str, request_id: str) -> torch.Tensor | None:
         """Pin the entry for ``request_id`` and return it (None when absent)."""
         entry = self._entries.get(content_hash)

@@ -13,15 +13,16 @@ from torch import nn
 
 from engine_core.model.attention import AttnMeta, attend
 from engine_core.model.errors import ModelLoadError
+from engine_core.model.kernels import Kernels
 from engine_core.model.layers import RMSNorm, SwiGLU
 from engine_core.model.loader import CheckpointTensor, copy_into
-from engine_core.model.rope import apply_rotary
 from engine_core.model.spec import DecoderSpec
 
 
 class Attention(nn.Module):
-    def __init__(self, spec: DecoderSpec) -> None:
+    def __init__(self, spec: DecoderSpec, kernels: Kernels) -> None:
         super().__init__()
+        self.kernels = kernels
         self.num_heads, self.num_kv_heads, self.head_dim = (
             spec.num_heads,
             spec.num_kv_heads,
@@ -46,8 +47,12 @@ class Attention(nn.Module):
         """x (T, hidden); kv (2, num_slots, max_len, Hkv, D), this layer's cache."""
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rotary(q.view(t, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)
+        q, k = self.kernels.rotary(
+            q.view(t, self.num_heads, self.head_dim),
+            k.view(t, self.num_kv_heads, self.head_dim),
+            cos,
+            sin,
+        )
         k_cache, v_cache = kv[0], kv[1]
         flat_shape = (-1, self.num_kv_heads, self.head_dim)
         k_cache.view(flat_shape).index_copy_(0, meta.write_index, k)
@@ -59,34 +64,23 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: DecoderSpec) -> None:
+    def __init__(self, spec: DecoderSpec, kernels: Kernels) -> None:
         super().__init__()
-        self.self_attn = Attention(spec)
-        self.mlp = SwiGLU(spec.hidden_size, spec.intermediate_size)
-        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        kv: torch.Tensor,
-        meta: AttnMeta,
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        self.self_attn = Attention(spec, kernels)
+        self.mlp = SwiGLU(spec.hidden_size, spec.intermediate_size, kernels)
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, kernels)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, kernels)
 
 
 class Decoder(nn.Module):
     """Embeddings, decoder layers, final norm and lm_head (possibly tied to the embeddings)."""
 
-    def __init__(self, spec: DecoderSpec) -> None:
+    def __init__(self, spec: DecoderSpec, kernels: Kernels) -> None:
         super().__init__()
         self.spec = spec
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_layers))
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(spec, kernels) for _ in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, kernels)
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.tie()
 
@@ -104,11 +98,19 @@ class Decoder(nn.Module):
         meta: AttnMeta,
     ) -> torch.Tensor:
         """embeds (T, hidden); kv (layers, 2, num_slots, max_len, Hkv, D).
-        Returns the final-normed hidden states (T, hidden)."""
+        Returns the final-normed hidden states (T, hidden).
+
+        Each residual add is fused into the norm after it (HF: ``x = x + f(x)`` then
+        ``norm(x)``, the same values): ``h`` is a sublayer's input, ``x`` the residual."""
         x = embeds
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, kv[i], meta)
-        return self.norm(x)
+        h = self.layers[0].input_layernorm(x)
+        norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
+        for i, (layer, next_norm) in enumerate(zip(self.layers, norms, strict=True)):
+            h, x = layer.post_attention_layernorm.add_forward(
+                layer.self_attn(h, cos, sin, kv[i], meta), x
+            )
+            h, x = next_norm.add_forward(layer.mlp(h), x)
+        return h
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (N, hidden) -> float32 logits (N, vocab)."""

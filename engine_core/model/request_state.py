@@ -1,8 +1,8 @@
 """Per-request model state of the decoder runner: M-RoPE positions and image embeddings.
 
-Taken at ``check_request`` and kept until ``release``. An image's embeddings are computed the
-first time a chunk touches its placeholders (the whole image at once, then sliced per chunk)
-and pinned in the encoder cache until the request is released.
+Taken at ``check_request`` and kept until ``release``. An image's embeddings come from the
+encoder cache (pinned for the request until it is released) or from the step that encodes it
+(``image_step``), always before a chunk touches its placeholders.
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
+from engine_core.batch import Chunk, images_by_offset
 from engine_core.model.encoder_cache import EncoderCache
+from engine_core.model.host import pinned
 from engine_core.model.positions import mrope_positions, text_positions
-from engine_core.model.vision import VisionEncoder
 from ipc.messages import EngineRequest
 
 
@@ -28,24 +29,33 @@ class ImageState:
 
 
 class RequestState:
-    """What the runner remembers about one admitted request."""
+    """What the runner remembers about one admitted request. ``device``: where its images will
+    be encoded (pixels are copied to pinned memory for CUDA, so their upload is queued)."""
 
     def __init__(
-        self, request: EngineRequest, cache: EncoderCache, merge: int, is_mrope: bool
+        self,
+        request: EngineRequest,
+        cache: EncoderCache,
+        merge: int,
+        is_mrope: bool,
+        device: torch.device,
     ) -> None:
         self.request_id = request.request_id
         self.prompt_len = int(request.prompt_token_ids.size)
-        self.images = [
-            ImageState(
-                item.content_hash,
-                item.offset,
-                item.length,
-                tuple(item.grid_thw),
-                item.pixel_values,
-                cache.acquire(item.content_hash, request.request_id),
+        self.images = []
+        for item in images_by_offset(request):
+            embeds = cache.acquire(item.content_hash, request.request_id)
+            pixels = item.pixel_values
+            self.images.append(
+                ImageState(
+                    item.content_hash,
+                    item.offset,
+                    item.length,
+                    tuple(item.grid_thw),
+                    None if pixels is None or embeds is not None else pinned(pixels, device),
+                    embeds,
+                )
             )
-            for item in sorted(request.mm_items, key=lambda item: item.offset)
-        ]
         self.positions: torch.Tensor | None = None
         self.rope_delta = 0
         if is_mrope:
@@ -62,28 +72,34 @@ class RequestState:
             parts.append(text_positions(split, start + n - split, self.rope_delta))
         return torch.cat(parts, dim=1)
 
-    def place_images(
-        self,
-        embeds: torch.Tensor,
-        start: int,
-        n: int,
-        vision: VisionEncoder | None,
-        cache: EncoderCache,
-    ) -> None:
+    def touched(self, start: int, n: int) -> list[int]:
+        """Indices of the images whose placeholders overlap tokens ``start .. start + n``."""
+        return [
+            i
+            for i, im in enumerate(self.images)
+            if im.offset < start + n and start < im.offset + im.length
+        ]
+
+    def problem(self, chunk: Chunk) -> str | None:
+        """Why ``chunk`` of this request cannot run this step, if it cannot."""
+        n = int(chunk.token_ids.size)
+        for i in self.touched(chunk.start, n):
+            if self.images[i].embeds is None:
+                return f"image {self.images[i].content_hash!r} was not encoded"
+        pooling = chunk.request.pooling
+        is_mean = chunk.wants_pooled and pooling is not None and pooling.pooling == "mean"
+        if is_mean and (chunk.start != 0 or n != self.prompt_len):
+            return "mean pooling needs the whole prompt in one chunk"
+        return None
+
+    def place_images(self, embeds: torch.Tensor, start: int, n: int) -> None:
         """Overwrite the rows of ``embeds`` ((n, hidden), tokens ``start .. start + n``) that are
-        image placeholders with the image embeddings, encoding an image on first touch."""
-        for im in self.images:
+        image placeholders with the image embeddings (encoded before the step's forward)."""
+        for i in self.touched(start, n):
+            im = self.images[i]
+            if im.embeds is None:
+                raise RuntimeError(f"image {im.content_hash!r} of {self.request_id} is not encoded")
             lo, hi = max(im.offset, start), min(im.offset + im.length, start + n)
-            if lo >= hi:
-                continue
-            if im.embeds is None:
-                im.embeds = cache.acquire(im.content_hash, self.request_id)
-            if im.embeds is None:
-                if im.pixels is None or vision is None:
-                    raise RuntimeError(f"image {im.content_hash!r} of {self.request_id} is gone")
-                im.embeds = vision.encode(im.pixels, im.grid_thw)
-                cache.put(im.content_hash, im.embeds, self.request_id)
-            im.pixels = None
             embeds[lo - start : hi - start] = im.embeds[lo - im.offset : hi - im.offset]
 
     def release(self, cache: EncoderCache) -> None:

@@ -7,10 +7,11 @@ Qwen2-VL / Qwen2.5-VL) or the encoder-only embedding runner (BERT family).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 
 import torch
 
-from engine_core.batch import Chunk, RunnerFacts, StepResult
+from engine_core.batch import Chunk, ImageRef, RunnerFacts, StepResult
 from engine_core.model.errors import ModelLoadError
 from engine_core.model.spec import read_spec
 from ipc.config import EngineConfig
@@ -31,9 +32,17 @@ class ModelRunner(ABC):
         the error message for the client (HTTP 400)."""
 
     @abstractmethod
-    def execute(self, chunks: list[Chunk]) -> StepResult:
-        """Run one step: write each chunk's K/V into its slot, return the logits of chunks with
-        ``wants_logits`` (float32, in chunk order) and pooled states of ``wants_pooled``."""
+    def execute(
+        self, chunks: list[Chunk], *, encodes: Sequence[ImageRef] = (), greedy: bool = False
+    ) -> StepResult:
+        """Queue one step on the device without waiting for it: encode ``encodes`` and the
+        images the chunks touch, write each chunk's K/V into its slot, and return the logits of
+        chunks with ``wants_logits`` (float32, in chunk order; with ``greedy``, their argmax
+        ids instead, already fed) and pooled states of ``wants_pooled``."""
+
+    def feed(self, slots: list[int], token_ids: torch.Tensor) -> None:  # noqa: B027
+        """Keep ``token_ids`` (device) as the ids last sampled for ``slots``: decodes of the next
+        step marked ``feeds_sampled`` read them there (a no-op for runners that never decode)."""
 
     @abstractmethod
     def release(self, request_id: str) -> None:

@@ -3,7 +3,9 @@ ipc:// (the model is the scheduler tests' FakeRunner, so this runs in a second).
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from engine_core.__main__ import ready_message
 from engine_core.batch import Chunk, StepResult
 from engine_core.core import EngineCore, EngineFailed
 from engine_core.io_thread import EngineIO
+from engine_core.pipeline import Pipeline
 from engine_core.sampler import Sampler
 from ipc import messages, transport
 from ipc.config import EngineConfig
@@ -155,7 +158,7 @@ def test_shutdown_stops_the_loop(engine: Engine, ctx: zmq.Context[Any]) -> None:
 
 
 class BrokenRunner(FakeRunner):
-    def execute(self, chunks: list[Chunk]) -> StepResult:
+    def execute(self, chunks: list[Chunk], **_: Any) -> StepResult:
         raise RuntimeError("GPU on fire")
 
 
@@ -169,4 +172,32 @@ def test_fatal_error_sends_engine_dead(tmp_path: Path, ctx: zmq.Context[Any]) ->
     assert "GPU on fire" in msg.reason
     eng.thread.join(10)
     assert isinstance(eng.error, RuntimeError) and not isinstance(eng.error, EngineFailed)
+    client.close()
+
+
+def test_a_step_that_cannot_be_scheduled_is_logged_not_spun_on(
+    tmp_path: Path,
+    ctx: zmq.Context[Any],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    calls: list[float] = []
+
+    def stuck(self: Pipeline) -> bool:
+        calls.append(time.monotonic())
+        return False  # as if the scheduler had found nothing to run
+
+    monkeypatch.setattr(Pipeline, "advance", stuck)
+    eng = Engine(tmp_path, FakeRunner())
+    client = Client(ctx, eng.address, 0, POLL_MS)
+    client.hello()
+    with caplog.at_level(logging.ERROR):
+        client.send(request("never", 5))
+        client.wait_stats(lambda s: s["num_waiting"] == 1)
+        time.sleep(2.5)
+        client.send(messages.Shutdown("test over"))
+        eng.thread.join(10)
+    # One look per event or per STALL_WAIT_S, not a busy spin.
+    assert 2 <= len(calls) < 12 and not eng.thread.is_alive()
+    assert "no step could be scheduled" in caplog.text and "'num_waiting': 1" in caplog.text
     client.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import os
 import platform
 import shutil
@@ -200,7 +201,9 @@ def test_heartbeat_when_idle(client: Client) -> None:
     while True:
         msg = client.recv()
         if isinstance(msg, messages.OutputBatch) and not msg.outputs:
-            assert msg.load == messages.EngineLoad(0, 0, 0.0)
+            load = msg.load  # num_admitted counts what earlier tests ran on this engine
+            assert (load.num_running, load.num_waiting, load.kv_usage) == (0, 0, 0.0)
+            assert load.num_waiting_tokens == 0
             return
 
 
@@ -235,6 +238,46 @@ def test_stop_exits_zero(default_model_dir: Path, ctx: zmq.Context[Any], how: st
             else:
                 proc.proc.send_signal(signal.SIGTERM)
         assert proc.proc.wait(30) == 0
+        c.close()
+    finally:
+        proc.stop()
+
+
+def test_bad_images_fail_alone(
+    default_model_dir: Path, ctx: zmq.Context[Any], encode: Callable[..., Any], hf_model: Any
+) -> None:
+    """Over the encoder budget, or a grid that disagrees with the pixel rows: a 400 for that
+    request at admission; the others run, and nothing stays pinned."""
+    proc = EngineProcess(default_model_dir, max_num_encoder_patches=64)
+    try:
+        c = Client(ctx, proc.address, 0)
+        c.hello()
+        image_id = hf_model.config.image_token_id
+        coffee = Image.fromarray(skimage.data.coffee())
+        big = image_request("big", encode("What is this?", [coffee.resize((224, 168))]), image_id)
+        small = image_request("small", encode("And this?", [coffee.resize((56, 84))]), image_id)
+        item = small.mm_items[0]
+        assert math.prod(big.mm_items[0].grid_thw) > 64 >= math.prod(item.grid_thw)
+        pixels = item.pixel_values
+        assert pixels is not None
+        skewed = msgspec.structs.replace(
+            small,
+            request_id="skewed",
+            mm_items=[
+                msgspec.structs.replace(item, content_hash="skewed", pixel_values=pixels[:-4])
+            ],
+        )
+        for req in (big, small, skewed, text_request("text", np.arange(5, 30))):
+            c.send(req)
+        got = c.collect({"big", "small", "skewed", "text"})
+        for rid, needle in (("big", "--max-num-encoder-patches"), ("skewed", "disagree with grid")):
+            out = got[rid][-1]
+            assert out.finish_reason == "error" and out.error is not None
+            assert out.error.status == 400 and needle in out.error.message, out.error
+        for rid in ("small", "text"):
+            assert got[rid][-1].finish_reason == "length" and len(tokens(got[rid])) == NEW_TOKENS
+        stats = c.utility("stats")
+        assert stats["num_free_slots"] == stats["num_slots"] and stats["num_waiting"] == 0
         c.close()
     finally:
         proc.stop()

@@ -51,11 +51,13 @@ def test_paraphrases_are_closer_than_unrelated(
     result = runner.execute(
         [Chunk(r, i, 0, r.prompt_token_ids, False, True) for i, r in enumerate(requests)]
     )
-    a, b, c = (result.pooled[f"s{i}"] for i in range(3))
+    a, b, c = (result.pooled[f"s{i}"].numpy() for i in range(3))
     assert a.shape == (384,) and a.dtype == np.float32
     assert _cosine(a, b) > 0.5 > _cosine(a, c) + 0.3
     alone = runner.execute([Chunk(requests[0], 0, 0, requests[0].prompt_token_ids, False, True)])
-    np.testing.assert_allclose(alone.pooled["s0"], a, rtol=1e-4, atol=1e-5)  # padding is masked
+    np.testing.assert_allclose(
+        alone.pooled["s0"].numpy(), a, rtol=1e-4, atol=1e-5
+    )  # padding is masked
     generate = EngineRequest(
         request_id="g", prompt_token_ids=requests[0].prompt_token_ids, sampling=SamplingParams()
     )

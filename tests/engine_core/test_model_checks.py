@@ -189,7 +189,8 @@ def test_state_is_rebuilt_after_a_release(
     make_runner: Callable[..., Any], coffee: EngineRequest
 ) -> None:
     """A preempted request is released and prefilled again without a new check_request: its
-    state comes back from the request (pixels, or a still-cached encoder output)."""
+    state comes back from the request (pixels, or a still-cached encoder output); without
+    either, that request alone fails."""
     runner = make_runner(encoder_cache_bytes=0)
     assert runner.check_request(coffee) is None
     first = _prefill_logits(runner, coffee)
@@ -197,8 +198,11 @@ def test_state_is_rebuilt_after_a_release(
     assert torch.equal(_prefill_logits(runner, coffee), first)  # pixels still in the request
     runner.release(coffee.request_id)
     assert "coffee" not in runner.encoder_cache  # budget 0: nothing unpinned is kept
-    with pytest.raises(RuntimeError, match="evicted"):
-        _prefill_logits(runner, _item(coffee, pixel_values=None))
+    gone = _item(coffee, pixel_values=None)
+    result = runner.execute([Chunk(gone, 0, 0, gone.prompt_token_ids, True)])
+    assert result.logits is not None and result.logits.shape[0] == 0
+    error = result.failed[gone.request_id]
+    assert error.status == 503 and "evicted" in error.message
 
 
 def test_kind_checks_for_models_without_embeddings_or_generation() -> None:

@@ -140,7 +140,7 @@ def test_the_vision_tower_sees_the_same_input(
     for kwargs in ({}, UINT8):
         out = processor.image_processor(images=[PHOTOS[2]], return_tensors="pt", **kwargs)
         grid = tuple(out["image_grid_thw"][0].tolist())
-        encoded.append(runner.vision.encode(out["pixel_values"], grid))
+        encoded.extend(runner.vision.encode([(out["pixel_values"], grid)]))
     assert torch.equal(encoded[0], encoded[1])
 
 

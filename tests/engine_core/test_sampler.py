@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine_core.sampler import Sampler
+from engine_core.sampler import Sampler, is_plain_greedy
 from engine_core.sequence import Sequence
 from ipc.messages import EngineRequest, SamplingParams
 
@@ -39,15 +39,16 @@ def test_greedy_is_argmax() -> None:
     logits = random_logits(6, 0)
     seqs = [make_seq(temperature=0.0) for _ in range(6)]
     out = Sampler(0, torch.device("cpu")).sample(logits, seqs, ())
-    assert out.token_ids == logits.argmax(dim=-1).tolist()
-    assert out.logprobs == [None] * 6
+    tokens, logprobs = out.resolve(out.tensors())
+    assert tokens == logits.argmax(dim=-1).tolist()
+    assert logprobs == [None] * 6
 
 
 def test_top_k_one_is_greedy() -> None:
     logits = random_logits(6, 1)
     seqs = [make_seq(temperature=1.5, top_k=1) for _ in range(6)]
     out = Sampler(0, torch.device("cpu")).sample(logits, seqs, ())
-    assert out.token_ids == logits.argmax(dim=-1).tolist()
+    assert out.token_ids.tolist() == logits.argmax(dim=-1).tolist()
 
 
 def draws(steps: int, seed: int | None, neighbours: int, sampler_seed: int) -> list[int]:
@@ -60,7 +61,7 @@ def draws(steps: int, seed: int | None, neighbours: int, sampler_seed: int) -> l
         logits = random_logits(1 + neighbours, 100 + step)
         logits[neighbours] = random_logits(1, 100 + step)[0]  # same row whatever the batch
         batch = [*others, seq]
-        got.append(sampler.sample(logits, batch, ()).token_ids[-1])
+        got.append(int(sampler.sample(logits, batch, ()).token_ids[-1]))
         seq.append_token(got[-1])
     return got
 
@@ -77,7 +78,7 @@ def test_temperature_sampling_matches_distribution() -> None:
     base = torch.tensor([2.0, 1.0, 0.5, 0.0])
     logits = base.repeat(n, 1)
     seqs = [make_seq(temperature=0.5) for _ in range(n)]
-    tokens = Sampler(0, torch.device("cpu")).sample(logits, seqs, ()).token_ids
+    tokens = Sampler(0, torch.device("cpu")).sample(logits, seqs, ()).token_ids.tolist()
     expected = torch.softmax(base / 0.5, dim=-1).numpy()
     np.testing.assert_allclose(frequencies(tokens, 4), expected, atol=0.03)
 
@@ -96,7 +97,7 @@ def test_filters_keep_only_allowed_tokens(params: dict[str, float], allowed: lis
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits = probs.log().repeat(n, 1)
     seqs = [make_seq(temperature=1.0, **params) for _ in range(n)]
-    tokens = Sampler(0, torch.device("cpu")).sample(logits, seqs, ()).token_ids
+    tokens = Sampler(0, torch.device("cpu")).sample(logits, seqs, ()).token_ids.tolist()
     freq = frequencies(tokens, 4)
     assert set(np.flatnonzero(freq)) == set(allowed)
     renormalized = probs[allowed] / probs[allowed].sum()
@@ -118,7 +119,7 @@ def test_repetition_penalty_changes_greedy_choice() -> None:
     plain = make_seq(prompt=[0], temperature=0.0)
     penalized = make_seq(prompt=[0], temperature=0.0, repetition_penalty=2.0)
     out = Sampler(0, torch.device("cpu")).sample(logits, [plain, penalized], ())
-    assert out.token_ids == [0, 2]
+    assert out.token_ids.tolist() == [0, 2]
 
 
 def test_presence_and_frequency_penalties_openai_semantics() -> None:
@@ -140,7 +141,7 @@ def test_min_tokens_masks_eos_and_stop_ids() -> None:
     done = make_seq(output=[1, 1], temperature=0.0, min_tokens=2, stop_token_ids=[8])
     ignoring = make_seq(output=[1], temperature=0.0, min_tokens=2, ignore_eos=True)
     out = Sampler(0, torch.device("cpu")).sample(logits, [early, done, ignoring], (9,))
-    assert out.token_ids == [4, 9, 9]
+    assert out.token_ids.tolist() == [4, 9, 9]
 
 
 def test_logprobs_are_raw_log_softmax_with_top_alternatives() -> None:
@@ -151,12 +152,27 @@ def test_logprobs_are_raw_log_softmax_with_top_alternatives() -> None:
         make_seq(temperature=0.0),
     ]
     out = Sampler(0, torch.device("cpu")).sample(logits, seqs, ())
+    tokens, (first, second, third) = out.resolve(out.tensors())
     reference = torch.log_softmax(logits, dim=-1)
-    first, second, third = out.logprobs
     assert first is not None and second is not None and third is None
-    assert first.logprob == pytest.approx(reference[0, out.token_ids[0]].item(), abs=1e-6)
+    assert first.logprob == pytest.approx(reference[0, tokens[0]].item(), abs=1e-6)
     top = reference[0].topk(3)
     assert first.top_ids == top.indices.tolist()
     np.testing.assert_allclose(first.top_logprobs, top.values.numpy(), atol=1e-6)
-    assert second.logprob == pytest.approx(reference[1, out.token_ids[1]].item(), abs=1e-6)
+    assert second.logprob == pytest.approx(reference[1, tokens[1]].item(), abs=1e-6)
     assert second.top_ids == [] and second.top_logprobs == []
+
+
+def test_plain_greedy_only_without_penalties_bans_or_logprobs() -> None:
+    assert is_plain_greedy([make_seq(temperature=0.0), make_seq(temperature=0.0, top_p=0.5)])
+    for params in (
+        {"temperature": 0.7},
+        {"temperature": 0.0, "logprobs": 0},
+        {"temperature": 0.0, "repetition_penalty": 1.1},
+        {"temperature": 0.0, "presence_penalty": 0.5},
+        {"temperature": 0.0, "frequency_penalty": -0.5},
+        {"temperature": 0.0, "min_tokens": 2},
+    ):
+        assert not is_plain_greedy([make_seq(temperature=0.0), make_seq(**params)]), params
+    # min_tokens already reached: nothing is banned any more
+    assert is_plain_greedy([make_seq(output=[4, 5], temperature=0.0, min_tokens=2)])

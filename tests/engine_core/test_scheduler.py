@@ -1,24 +1,34 @@
 """Scheduler unit tests against a fake runner that checks KV-slot bookkeeping.
 
 ``FakeRunner`` keeps, per slot, the tokens the scheduler wrote there (as a KV cache would) and
-fails on any gap or on a slot shared by two requests; its "model" is a deterministic function
-of the whole prefix, so a request's tokens depend on nothing but its own history, which is what
-lets the tests compare a preempted run with an undisturbed one.
+fails on any gap, on a slot shared by two requests, or on a chunk that touches an image not
+encoded yet; its "model" is a deterministic function of the whole prefix, so a request's tokens
+depend on nothing but its own history, which is what lets the tests compare a preempted run
+with an undisturbed one. ``fail`` makes it fail one request's work the way the real runner
+reports it (left out of the step, named in ``StepResult.failed``).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
 import torch
 
-from engine_core.batch import Chunk, RunnerFacts, StepResult
+from engine_core.batch import Chunk, ImageRef, RunnerFacts, StepResult, images_by_offset
+from engine_core.pipeline import Pipeline
 from engine_core.sampler import Sampler
 from engine_core.scheduler import Scheduler
 from ipc.config import EngineConfig
-from ipc.messages import EngineRequest, PoolingParams, RequestOutput, SamplingParams
+from ipc.messages import (
+    EngineRequest,
+    PoolingParams,
+    RequestError,
+    RequestOutput,
+    SamplingParams,
+)
 
 VOCAB = 97
 EOS = 96
@@ -50,13 +60,21 @@ class FakeRunner:
         self.owner: dict[int, str] = {}
         self.released: list[str] = []
         self.steps: list[list[Chunk]] = []
+        self.encodes: list[list[ImageRef]] = []
+        self.fed: dict[int, int] = {}  # slot -> the id last sampled for it (the "device" copy)
         self.eos_after: dict[str, int] = {}  # request id -> make EOS the favourite at this length
+        self.encoded: dict[str, set[int]] = {}  # request id -> its images encoded so far
+        self.fail: dict[str, RequestError] = {}  # request id -> the error its work fails with
+        self.checks: list[str] = []  # request ids, one per check_request
 
     def check_request(self, request: EngineRequest) -> str | None:
+        self.checks.append(request.request_id)
         return "fake says no" if request.request_id.startswith("reject") else None
 
     def release(self, request_id: str) -> None:
         self.released.append(request_id)
+        self.encoded.pop(request_id, None)
+        self.fail.pop(request_id, None)
         for slot, owner in list(self.owner.items()):
             if owner == request_id:
                 del self.owner[slot]
@@ -64,11 +82,30 @@ class FakeRunner:
     def reset_encoder_cache(self) -> None:
         pass
 
-    def execute(self, chunks: list[Chunk]) -> StepResult:
+    def feed(self, slots: list[int], token_ids: torch.Tensor) -> None:
+        for slot, token in zip(slots, token_ids.tolist(), strict=True):
+            self.fed[slot] = token
+
+    def execute(
+        self, chunks: list[Chunk], *, encodes: Sequence[ImageRef] = (), greedy: bool = False
+    ) -> StepResult:
         self.steps.append(chunks)
+        self.encodes.append(list(encodes))
+        failed = {rid: e for rid, e in self.fail.items() if rid in _request_ids(chunks, encodes)}
+        for ref in encodes:
+            self.encoded.setdefault(ref.request.request_id, set()).add(ref.index)
         logits, pooled = [], {}
         for chunk in chunks:
             rid = chunk.request.request_id
+            if rid in failed:
+                continue
+            n = len(chunk.token_ids)
+            for i, item in enumerate(images_by_offset(chunk.request)):
+                touched = item.offset < chunk.start + n and chunk.start < item.offset + item.length
+                if touched and i not in self.encoded.get(rid, set()):
+                    raise AssertionError(
+                        f"{rid}: chunk at {chunk.start} touches unencoded image {i}"
+                    )
             if self.owner.setdefault(chunk.slot, rid) != rid:
                 raise AssertionError(
                     f"slot {chunk.slot} shared by {self.owner[chunk.slot]} and {rid}"
@@ -79,7 +116,11 @@ class FakeRunner:
                     f"gap in slot {chunk.slot}: start {chunk.start} > {len(cache)}"
                 )
             del cache[chunk.start :]
-            cache.extend(int(t) for t in chunk.token_ids)
+            if chunk.feeds_sampled:
+                assert len(chunk.token_ids) == 1
+                cache.append(self.fed[chunk.slot])
+            else:
+                cache.extend(int(t) for t in chunk.token_ids)
             if chunk.wants_logits:
                 row = torch.zeros(VOCAB)
                 prefix = np.array(cache, dtype=np.int32)
@@ -89,13 +130,24 @@ class FakeRunner:
                     row[EOS] = 20.0
                 logits.append(row)
             if chunk.wants_pooled:
-                pooled[rid] = np.full(8, float(len(cache)), dtype=np.float32)
+                pooled[rid] = torch.full((8,), float(len(cache)))
         stacked = torch.stack(logits) if logits else torch.zeros(0, VOCAB)
-        return StepResult(stacked, pooled)
+        if not greedy:
+            return StepResult(stacked, pooled=pooled, failed=failed)
+        ids = stacked.argmax(dim=-1)
+        self.feed(
+            [c.slot for c in chunks if c.wants_logits and c.request.request_id not in failed], ids
+        )
+        return StepResult(None, ids, pooled, failed)
+
+
+def _request_ids(chunks: list[Chunk], encodes: Sequence[ImageRef]) -> set[str]:
+    return {c.request.request_id for c in chunks} | {r.request.request_id for r in encodes}
 
 
 class Harness:
-    """Scheduler + fake runner + real sampler, driven step by step."""
+    """Scheduler + fake runner + real sampler, driven step by step through the real pipeline
+    (one step in flight: a step's tokens are resolved during the next ``step``)."""
 
     def __init__(self, clock: list[float] | None = None, **config: object) -> None:
         runner_args = {k: config.pop(k) for k in ("num_slots", "max_model_len") if k in config}
@@ -107,7 +159,7 @@ class Harness:
         self.scheduler = Scheduler(
             self.config, self.runner.facts, self.runner, self._emit, lambda: self.clock[0]
         )
-        self.sampler = Sampler(0, torch.device("cpu"))
+        self.pipeline = Pipeline(self.scheduler, self.runner, Sampler(0, torch.device("cpu")))
 
     def _emit(self, client: bytes, out: RequestOutput) -> None:
         self.clients[out.request_id] = client
@@ -128,20 +180,14 @@ class Harness:
         return self.scheduler.add(request, client)
 
     def step(self) -> list[Chunk]:
-        step = self.scheduler.schedule()
-        if step.chunks:
-            result = self.runner.execute(step.chunks)
-            seqs = [s for c, s in zip(step.chunks, step.seqs, strict=True) if c.wants_logits]
-            tokens, logprobs = [], []
-            if seqs:
-                out = self.sampler.sample(result.logits, seqs, self.runner.facts.eos_token_ids)
-                tokens, logprobs = out.token_ids, out.logprobs
-            self.scheduler.update(step, tokens, logprobs, result.pooled)
-        return step.chunks
+        """One pipeline advance; the chunks it queued (empty when it only resolved)."""
+        before = len(self.runner.steps)
+        self.pipeline.advance()
+        return self.runner.steps[-1] if len(self.runner.steps) > before else []
 
     def run(self, max_steps: int = 1000) -> None:
         for _ in range(max_steps):
-            if not self.scheduler.has_work():
+            if not self.scheduler.has_work() and not self.pipeline.is_busy:
                 return
             self.step()
         raise AssertionError("scheduler did not drain")
@@ -251,7 +297,8 @@ def test_preemption_by_recompute_keeps_tokens_right() -> None:
     h.add("low", 10, max_tokens=12, ignore_eos=True, priority=1)
     for _ in range(4):
         h.step()
-    assert len(h.tokens("low")) == 4
+    # Four tokens asked for, three back: the fourth is in flight.
+    assert len(h.tokens("low")) == 3 and h.pipeline.is_busy
     h.add("urgent", 6, max_tokens=3, ignore_eos=True, priority=0)
     h.add("same", 6, max_tokens=3, ignore_eos=True, priority=1)  # equal priority: no preemption
     h.step()
@@ -261,7 +308,8 @@ def test_preemption_by_recompute_keeps_tokens_right() -> None:
     assert h.tokens("low") == expected_tokens(10, "low", 12)
     assert h.tokens("urgent") == expected_tokens(6, "urgent", 3)
     assert h.scheduler.stats()["num_preemptions"] == 1
-    # The recompute prefilled prompt + the 4 generated tokens as one longer prompt.
+    # Preempting waited for the fourth token: the recompute prefilled prompt + the 4 generated
+    # tokens as one longer prompt.
     recompute = [c for chunks in h.runner.steps for c in chunks if c.request.request_id == "low"]
     refill = [c for c in recompute if c.start == 0][1]
     assert len(refill.token_ids) == 14 and len(refill.request.prompt_token_ids) == 14

@@ -1,0 +1,176 @@
+"""The elementwise pieces of the hot paths, as plain torch functions with HF's numerics, and
+their compiled form for CUDA.
+
+Eager, each function is a handful of small kernels (an RMSNorm is eight: upcast, square, mean,
+add, rsqrt, multiply, downcast, scale), and a decode step of a 28-layer model launches about a
+thousand of them: inside a CUDA graph the launches are free but each kernel still costs the GPU
+a few microseconds, several times what the weights take to read at batch 1. ``Kernels.compiled``
+runs the same functions through ``torch.compile`` (dynamic shapes, so one compile serves every
+batch size): each becomes one fused kernel. CPU always runs them eagerly, which is what the
+tests compare with HF token for token; compiled kernels keep intermediates in fp32, so on CUDA
+a result may differ from eager in the last bf16 bit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from engine_core.model.rope import apply_rotary
+
+logger = logging.getLogger(__name__)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF numerics: normalise in fp32, cast back, then scale by the weight in the model dtype."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``s = residual + x`` in the model dtype (HF's residual add), then ``(rms_norm(s), s)``."""
+    summed = residual + x
+    return rms_norm(summed, weight, eps), summed
+
+
+def rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoder's rotation of q (T, Hq, D) and k (T, Hkv, D), in the model dtype."""
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+
+def rotary_fp32(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vision tower's rotation: computed in fp32 (cos/sin (N, 1, D) fp32), cast back."""
+    return (
+        apply_rotary(q.float(), cos, sin).to(q.dtype),
+        apply_rotary(k.float(), cos, sin).to(k.dtype),
+    )
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``gate_up = [gate | up]`` along the last dimension."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """Qwen2-VL's vision MLP activation: ``x * sigmoid(1.702 x)``."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+@dataclass(frozen=True, slots=True)
+class Kernels:
+    """The functions the models call; built once per runner and handed to their modules."""
+
+    rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+    add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    rotary_fp32: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    silu_mul: Callable[[torch.Tensor], torch.Tensor]
+    quick_gelu: Callable[[torch.Tensor], torch.Tensor]
+    is_compiled: bool = False
+
+    @classmethod
+    def eager(cls) -> Kernels:
+        return cls(rms_norm, add_rms_norm, rotary, rotary_fp32, silu_mul, quick_gelu)
+
+    @classmethod
+    def compiled(
+        cls, device: torch.device, dtype: torch.dtype, backend: str = "inductor"
+    ) -> Kernels:
+        """The compiled kernels, tried once on small inputs of ``dtype`` on ``device``; the
+        eager ones (with a warning) where torch.compile is unavailable or fails."""
+        eager = _fields(cls.eager())
+        try:
+            fast = {name: _compile(fn, backend) for name, fn in eager.items()}
+            _try(fast, eager, device, dtype)
+        except Exception as exc:  # a missing compiler or a codegen bug costs speed, not service
+            logger.warning("torch.compile of the fused kernels failed; running eager: %r", exc)
+            return cls.eager()
+        return cls(
+            **{name: _Guarded(name, fn, eager[name]) for name, fn in fast.items()},
+            is_compiled=True,
+        )
+
+    def fallen_back(self) -> list[str]:
+        """Compiled kernels that failed since the start and run eagerly now."""
+        return [
+            fn.name for fn in _fields(self).values() if isinstance(fn, _Guarded) and fn.is_eager
+        ]
+
+
+class _Guarded:
+    """A compiled kernel that turns into its eager self, for good, the first time it raises
+    (a recompile for an input it has not seen can fail long after the start-up check)."""
+
+    def __init__(self, name: str, fast: Callable[..., Any], eager: Callable[..., Any]) -> None:
+        self.name = name
+        self._fast: Callable[..., Any] | None = fast
+        self._eager = eager
+
+    @property
+    def is_eager(self) -> bool:
+        return self._fast is None
+
+    def __call__(self, *args: Any) -> Any:
+        if self._fast is not None:
+            try:
+                return self._fast(*args)
+            except Exception as exc:  # the eager function computes the same values
+                logger.warning("compiled kernel %s failed (%r); eager from now on", self.name, exc)
+                self._fast = None
+        return self._eager(*args)
+
+
+def _fields(kernels: Kernels) -> dict[str, Callable[..., Any]]:
+    return {
+        "rms_norm": kernels.rms_norm,
+        "add_rms_norm": kernels.add_rms_norm,
+        "rotary": kernels.rotary,
+        "rotary_fp32": kernels.rotary_fp32,
+        "silu_mul": kernels.silu_mul,
+        "quick_gelu": kernels.quick_gelu,
+    }
+
+
+def _compile(fn: Callable[..., Any], backend: str) -> Callable[..., Any]:
+    return torch.compile(fn, dynamic=True, fullgraph=True, backend=backend)
+
+
+def _try(
+    fast: dict[str, Callable[..., Any]],
+    eager: dict[str, Callable[..., Any]],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> None:
+    """Compile every kernel now, on inputs shaped like the models' (2-D activations; q and k as
+    strided views of a packed projection), and check it against eager within rounding; 1 and 3
+    rows cover the size-1 specialisation."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    for t in (1, 3):
+        x = torch.randn(t, 64, device=device, generator=gen).to(dtype)
+        w = torch.randn(64, device=device, generator=gen).to(dtype)
+        qk = torch.randn(t, 3, 4, 16, device=device, generator=gen).to(dtype)
+        cos = torch.randn(t, 1, 16, device=device, generator=gen)
+        cases = {
+            "rms_norm": (x, w, 1e-6),
+            "add_rms_norm": (x, x, w, 1e-6),
+            "rotary": (qk[:, 0], qk[:, 1], cos.to(dtype), cos.to(dtype)),
+            "rotary_fp32": (qk[:, 0], qk[:, 1], cos, cos),
+            "silu_mul": (x,),
+            "quick_gelu": (x,),
+        }
+        for name, args in cases.items():
+            got, want = fast[name](*args), eager[name](*args)
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)

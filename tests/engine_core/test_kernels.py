@@ -1,0 +1,68 @@
+"""The fused kernels: eager they are HF's numerics (checked token for token elsewhere); here,
+that torch.compile traces each of them whole on inputs shaped like the models' and gives the
+same values (the ``aot_eager`` backend: dynamo and AOT autograd without code generation, which
+is the CUDA machine's part), and that a compile failure falls back to eager."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from engine_core.model import kernels
+from engine_core.model.kernels import Kernels
+
+CPU = torch.device("cpu")
+
+
+def test_every_kernel_traces_whole_and_matches_eager() -> None:
+    torch._dynamo.reset()
+    fused = Kernels.compiled(CPU, torch.float32, backend="aot_eager")
+    assert fused.is_compiled
+    x = torch.randn(5, 32)
+    w = torch.randn(32)
+    qk = torch.randn(5, 3, 2, 8)
+    cos, sin = torch.randn(5, 1, 8), torch.randn(5, 1, 8)
+    eager = Kernels.eager()
+    torch.testing.assert_close(fused.rms_norm(x, w, 1e-6), eager.rms_norm(x, w, 1e-6))
+    for got, want in zip(
+        fused.add_rms_norm(x, x * 2, w, 1e-5), eager.add_rms_norm(x, x * 2, w, 1e-5), strict=True
+    ):
+        torch.testing.assert_close(got, want)
+    for name in ("rotary", "rotary_fp32"):
+        got = getattr(fused, name)(qk[:, 0], qk[:, 1], cos, sin)
+        want = getattr(eager, name)(qk[:, 0], qk[:, 1], cos, sin)
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(fused.silu_mul(x), eager.silu_mul(x))
+    torch.testing.assert_close(fused.quick_gelu(x), eager.quick_gelu(x))
+
+
+def test_a_failing_compile_falls_back_to_eager(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(fn: object, backend: str) -> object:
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(kernels, "_compile", broken)
+    with caplog.at_level(logging.WARNING):
+        got = Kernels.compiled(CPU, torch.float32)
+    assert not got.is_compiled and got == Kernels.eager()
+    assert "no compiler here" in caplog.text
+
+
+def test_a_kernel_that_fails_later_runs_eagerly_from_then_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    calls = []
+
+    def flaky(x: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape)
+        raise RuntimeError("recompile failed")
+
+    guarded = kernels._Guarded("quick_gelu", flaky, kernels.quick_gelu)
+    x = torch.randn(4, 8)
+    with caplog.at_level(logging.WARNING):
+        torch.testing.assert_close(guarded(x), kernels.quick_gelu(x))
+        torch.testing.assert_close(guarded(x), kernels.quick_gelu(x))
+    assert len(calls) == 1 and guarded.is_eager and "recompile failed" in caplog.text
