@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# The GPU machine's `fanin bench sweep` runs, one PART per device command (each fits in one
+# 10-minute command: every sweep has a --time-budget and skips, and reports, what would not
+# fit, so what ran always comes back). All image workloads: distinct 1024x768 photos (data
+# URLs), 16 output tokens with ignore_eos, 64 closed-loop clients unless paced.
+#
+#   baseline  (issue 9) the default model at inline 1x1, pool 1x1, 1x4, 1x16, 2x2, 4x2, 8x2,
+#             12x1, 16x1, then the Qwen2-VL-2B-shaped model at 1x4, 4x2, 8x2. N x W =
+#             --api-server-count N --renderer-num-workers W.
+#   scaleout  (issue 10) the default model (the frontend is the limit) with default flags
+#             (`auto`: the CPU budget sizes threads): inline 1x1 and pool 1x14 (one process,
+#             a render thread per core left to the API servers) against N x auto for
+#             N = 2, 4, 8, 12, 14.
+#   overload  (issues 11 and 13) the 2B-shaped model through 4 API servers (image req/s with
+#             `nvidia-smi dmon` utilisation beside it); the default model at 1x and 2x the
+#             rate that saturates 4 API servers, for 4 x auto, inline 1x1 and pool 1x14, with
+#             a 10 s client timeout; then bench/engine_bench.py on the 2B model as time allows.
+#
+# Usage: bench/gpu_sweeps.sh PART OUT_DIR
+#   env: BUDGET_S (whole command, default 540), PYTHON (python3)
+# Needs the repo root on PYTHONPATH (no install). Writes OUT_DIR/gpu.txt and one folder per
+# sweep (sweep.json, sweep.md ready to paste, sweep.png, the servers' logs).
+set -euo pipefail
+part=${1:?usage: bench/gpu_sweeps.sh baseline|scaleout|overload OUT_DIR}
+out=${2:?usage: bench/gpu_sweeps.sh baseline|scaleout|overload OUT_DIR}
+budget=${BUDGET_S:-540}
+py=${PYTHON:-python3}
+start=$(date +%s)
+left() { local s=$((budget - ($(date +%s) - start) - ${1:-0})); echo $((s > 1 ? s : 1)); }
+
+mkdir -p "$out"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+export PYTHONUNBUFFERED=1
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+    $py -c "import os, torch, transformers; print('torch', torch.__version__, 'transformers',
+transformers.__version__, 'cores', len(os.sched_getaffinity(0)))" || true
+} | tee "$out/gpu.txt"
+
+images=(--max-concurrency 64 --image-size 1024x768 --output-len 16 --ignore-eos --no-progress)
+# sweep NAME MODEL_DIR FLAGS...: one `fanin bench sweep`, its stdout and stderr beside it.
+sweep() {
+    local name=$1 model=$2
+    shift 2
+    echo "== $name ($(left) s left)"
+    $py -m apiserver.cli bench sweep "$model" "${images[@]}" "$@" --result-dir "$out/$name" \
+        >"$out/$name.stdout" 2>"$out/$name.stderr" || echo "$name: exit $?"
+    sed -n '/^| config | req\/s/,/^$/p; /^| config | offered/,/^$/p' "$out/$name/sweep.md" || true
+}
+build_2b() { timeout 180 $py bench/qwen2vl_2b.py "$work/2b" >/dev/null; }
+
+$py -m apiserver.cli build-model "$work/default" >/dev/null
+case $part in
+baseline)
+    has_2b=1
+    build_2b || { has_2b=0 && echo "the 2B model build failed: only the default model"; }
+    sweep baseline-default "$work/default" --warmup-seconds 2 --duration 8 --num-prompts 8000 \
+        --request-timeout 60 --server-start-timeout 120 --time-budget "$(left $((has_2b * 140)))" \
+        --configs inline:1x1 pool:1x1 pool:1x4 pool:1x16 2x2 4x2 8x2 12x1 16x1
+    if ((has_2b)); then
+        sweep baseline-2b "$work/2b" --warmup-seconds 2 --duration 8 --num-prompts 8000 \
+            --request-timeout 60 --server-start-timeout 240 --time-budget "$(left)" \
+            --configs 1x4 4x2 8x2
+    fi
+    ;;
+scaleout)
+    sweep scaleout "$work/default" --warmup-seconds 2 --duration 8 --num-prompts 8000 \
+        --request-timeout 60 --server-start-timeout 120 --time-budget "$(left)" \
+        --configs inline:1x1 pool:1x14 2xauto 4xauto 8xauto 12xauto 14xauto
+    ;;
+overload)
+    has_2b=1
+    build_2b || { has_2b=0 && echo "the 2B model build failed: no 2B runs"; }
+    if ((has_2b)); then
+        nvidia-smi dmon -s u -d 1 >"$out/gpu_util.txt" 2>&1 &
+        dmon=$!
+        sweep vl-2b "$work/2b" --warmup-seconds 3 --duration 15 --num-prompts 4000 \
+            --request-timeout 60 --server-start-timeout 240 --time-budget 150 --configs 4xauto
+        kill "$dmon" 2>/dev/null || true
+        # dmon also sampled the server's start and stop: the 15 busiest seconds are the window.
+        awk '$1 ~ /^[0-9]+$/ {print $2}' "$out/gpu_util.txt" | sort -rn | head -n 15 |
+            awk '{s += $1; n++} END {if (n) printf "GPU SM busy: %.0f %% (mean of the %d busiest seconds)\n", s / n, n}'
+    fi
+    sweep overload "$work/default" --rate-multiples 1 2 --warmup-seconds 2 --duration 8 \
+        --num-prompts 20000 --request-timeout 10 --server-start-timeout 120 \
+        --time-budget "$(left 90)" --configs 4xauto inline:1x1 pool:1x14
+    if ((has_2b)); then
+        echo "== engine_bench ($(left) s left)"
+        timeout "$(left 5)" $py bench/engine_bench.py --model "$work/2b" --rounds 1 \
+            --batches 1,16,64,256 --hf-batches 1 --out "$out/engine_bench.json" \
+            >"$out/engine_bench.log" 2>&1 || echo "engine_bench: exit $?"
+        grep -v "Loading weights" "$out/engine_bench.log" | tail -n 22
+    fi
+    ;;
+*)
+    echo "unknown part $part (baseline, scaleout, overload)" >&2
+    exit 2
+    ;;
+esac
+echo "== done in $(($(date +%s) - start)) s"
