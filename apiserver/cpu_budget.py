@@ -243,12 +243,13 @@ def _threads(asked: int | str, flag: str, cores: int, notes: list[str]) -> int |
 
 
 def thread_environment(
-    share: CpuShare, environ: Mapping[str, str]
+    threads: int, environ: Mapping[str, str]
 ) -> tuple[dict[str, str], dict[str, str]]:
-    """(variables to set, variables the user already set and that are kept). A variable set
-    in fanin's own environment is an explicit choice and wins over the budget."""
-    wanted = {name: str(share.threads) for name in THREAD_ENV_VARS}
-    wanted[TOKENIZERS_ENV_VAR] = "true" if share.threads > 1 else "false"
+    """(variables to set for a process of ``threads`` math threads, variables the user
+    already set and that are kept). A variable set in fanin's own environment is an explicit
+    choice and wins over the budget."""
+    wanted = {name: str(threads) for name in THREAD_ENV_VARS}
+    wanted[TOKENIZERS_ENV_VAR] = "true" if threads > 1 else "false"
     kept = {k: environ[k] for k in wanted if k in environ}
     return {k: v for k, v in wanted.items() if k not in kept}, kept
 
@@ -256,7 +257,7 @@ def thread_environment(
 def apply_environment(share: CpuShare, environ: MutableMapping[str, str]) -> dict[str, str]:
     """Set the math libraries' thread variables in ``environ`` (call before torch is
     imported); returns the ones kept from the user's environment."""
-    updates, kept = thread_environment(share, environ)
+    updates, kept = thread_environment(share.threads, environ)
     environ.update(updates)
     return kept
 

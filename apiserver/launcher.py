@@ -103,7 +103,7 @@ class Launcher:
         logger.info("cpu budget: %s", self.share.describe())
         for note in self.share.notes:
             logger.warning("%s", note)
-        _, kept = thread_environment(self.share, os.environ)
+        _, kept = thread_environment(self.share.threads, os.environ)
         for name, value in kept.items():
             logger.warning("%s=%s is set in the environment: API servers keep it", name, value)
 
@@ -127,7 +127,11 @@ class Launcher:
     def _serve(self, close_listener: Callable[[], None]) -> int:
         engine_cmd = [sys.executable, "-m", "engine_core", "--config"]
         engine_cmd += [f"{self.run_dir}/engine.json", "--parent-pid", str(os.getpid())]
-        self.engine = spawn("engine core", engine_cmd)
+        # The engine's own CPU work (input staging, pinned copies) runs in torch's thread pool
+        # too: left at a thread per core, its spinning OpenMP workers took 10 of 16 cores from
+        # the API servers on the GPU host. It gets the cores the budget keeps for it.
+        updates, _ = thread_environment(max(1, self.share.engine_cores), os.environ)
+        self.engine = spawn("engine core", engine_cmd, env={**os.environ, **updates})
         self.events.watch(self.engine)
         logger.info("engine core started (pid %d); waiting for READY", self.engine.pid)
         code = self._wait_engine_ready(self.engine)

@@ -11,18 +11,20 @@
 #             (`auto`: the CPU budget sizes threads): inline 1x1 and pool 1x14 (one process,
 #             a render thread per core left to the API servers) against N x auto for
 #             N = 2, 4, 8, 12, 14.
-#   overload  (issues 11 and 13) the 2B-shaped model through 4 API servers (image req/s with
-#             `nvidia-smi dmon` utilisation beside it); the default model at 1x and 2x the
-#             rate that saturates 4 API servers, for 4 x auto, inline 1x1 and pool 1x14, with
-#             a 10 s client timeout; then bench/engine_bench.py on the 2B model as time allows.
+#             SCALEOUT_CONFIGS replaces that list.
+#   vl        (issue 11) the 2B-shaped model through 4 API servers (image req/s with
+#             `nvidia-smi dmon` utilisation beside it), then bench/engine_bench.py on it as
+#             time allows.
+#   overload  (issue 13) the default model at 1x and 2x the rate that saturates 4 API
+#             servers, for 4 x auto, inline 1x1 and pool 1x14, with a 10 s client timeout.
 #
 # Usage: bench/gpu_sweeps.sh PART OUT_DIR
 #   env: BUDGET_S (whole command, default 540), PYTHON (python3)
 # Needs the repo root on PYTHONPATH (no install). Writes OUT_DIR/gpu.txt and one folder per
 # sweep (sweep.json, sweep.md ready to paste, sweep.png, the servers' logs).
 set -euo pipefail
-part=${1:?usage: bench/gpu_sweeps.sh baseline|scaleout|overload OUT_DIR}
-out=${2:?usage: bench/gpu_sweeps.sh baseline|scaleout|overload OUT_DIR}
+part=${1:?usage: bench/gpu_sweeps.sh baseline|scaleout|vl|overload OUT_DIR}
+out=${2:?usage: bench/gpu_sweeps.sh baseline|scaleout|vl|overload OUT_DIR}
 budget=${BUDGET_S:-540}
 py=${PYTHON:-python3}
 start=$(date +%s)
@@ -67,9 +69,9 @@ baseline)
 scaleout)
     sweep scaleout "$work/default" --warmup-seconds 2 --duration 8 --num-prompts 8000 \
         --request-timeout 60 --server-start-timeout 120 --time-budget "$(left)" \
-        --configs inline:1x1 pool:1x14 2xauto 4xauto 8xauto 12xauto 14xauto
+        --configs ${SCALEOUT_CONFIGS:-inline:1x1 pool:1x14 2xauto 4xauto 8xauto 12xauto 14xauto}
     ;;
-overload)
+vl)
     has_2b=1
     build_2b || { has_2b=0 && echo "the 2B model build failed: no 2B runs"; }
     if ((has_2b)); then
@@ -81,11 +83,6 @@ overload)
         # dmon also sampled the server's start and stop: the 15 busiest seconds are the window.
         awk '$1 ~ /^[0-9]+$/ {print $2}' "$out/gpu_util.txt" | sort -rn | head -n 15 |
             awk '{s += $1; n++} END {if (n) printf "GPU SM busy: %.0f %% (mean of the %d busiest seconds)\n", s / n, n}'
-    fi
-    sweep overload "$work/default" --rate-multiples 1 2 --warmup-seconds 2 --duration 8 \
-        --num-prompts 20000 --request-timeout 10 --server-start-timeout 120 \
-        --time-budget "$(left 90)" --configs 4xauto inline:1x1 pool:1x14
-    if ((has_2b)); then
         echo "== engine_bench ($(left) s left)"
         timeout "$(left 5)" $py bench/engine_bench.py --model "$work/2b" --rounds 1 \
             --batches 1,16,64,256 --hf-batches 1 --out "$out/engine_bench.json" \
@@ -93,8 +90,13 @@ overload)
         grep -v "Loading weights" "$out/engine_bench.log" | tail -n 22
     fi
     ;;
+overload)
+    sweep overload "$work/default" --rate-multiples 1 2 --warmup-seconds 2 --duration 8 \
+        --num-prompts 20000 --request-timeout 10 --server-start-timeout 120 \
+        --time-budget "$(left)" --configs 4xauto inline:1x1 pool:1x14
+    ;;
 *)
-    echo "unknown part $part (baseline, scaleout, overload)" >&2
+    echo "unknown part $part (baseline, scaleout, vl, overload)" >&2
     exit 2
     ;;
 esac

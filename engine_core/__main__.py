@@ -94,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    from engine_core.model.runner import load_runner  # heavy import: after the fast checks
+    import torch
+
+    from engine_core.model.runner import load_runner  # heavy imports: after the fast checks
 
     try:
         runner = load_runner(config)
@@ -106,7 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     core = EngineCore(config, runner, Sampler(config.seed, runner.device), io)
     io.start()
     io_started = True
-    logger.info("serving %s at %s", runner.facts.model_name, config.engine_address)
+    logger.info(
+        "serving %s at %s (%d CPU math thread(s))",
+        runner.facts.model_name,
+        config.engine_address,
+        torch.get_num_threads(),
+    )
     try:
         core.run()
     except Exception as exc:

@@ -158,7 +158,9 @@ def test_plan_refuses_what_makes_no_sense(
 
 def test_thread_environment_keeps_what_the_user_set() -> None:
     share = _plan(16, api_server_threads=3)
-    updates, kept = cpu_budget.thread_environment(share, {"OMP_NUM_THREADS": "5", "PATH": "/x"})
+    updates, kept = cpu_budget.thread_environment(
+        share.threads, {"OMP_NUM_THREADS": "5", "PATH": "/x"}
+    )
     assert kept == {"OMP_NUM_THREADS": "5"}
     assert updates == {
         "MKL_NUM_THREADS": "3",
@@ -166,7 +168,7 @@ def test_thread_environment_keeps_what_the_user_set() -> None:
         "RAYON_NUM_THREADS": "3",
         "TOKENIZERS_PARALLELISM": "true",
     }
-    updates, _ = cpu_budget.thread_environment(_plan(2), {})
+    updates, _ = cpu_budget.thread_environment(_plan(2).threads, {})
     assert updates["OMP_NUM_THREADS"] == "1" and updates["TOKENIZERS_PARALLELISM"] == "false"
 
 

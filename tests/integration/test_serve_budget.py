@@ -34,6 +34,8 @@ def test_one_cpu_means_one_server_one_thread_and_a_user_setting_is_kept(
         servers = [p for p in descendants(fanin.proc.pid) if "api-server" in cmdline(p)]
         assert len(servers) == 1
         assert os.sched_getaffinity(servers[0]) == {cpu}
+        # The engine's math libraries are capped at its cores too (at least one thread).
+        assert re.search(r"engine_core: serving .* \(1 CPU math thread\(s\)\)", log), log[-3000:]
         reply = fanin.client(timeout=120).completions.create(
             model=fanin.client().models.list().data[0].id, prompt="hello", max_tokens=2
         )
