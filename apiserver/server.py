@@ -102,7 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     sock = socket.socket(fileno=args.listen_fd)
     try:
         return uvloop.run(
-            _serve(config, args.index, sock, args.ready_fd, share, Balancer(table, row))
+            _serve(
+                config,
+                args.index,
+                sock,
+                args.ready_fd,
+                share,
+                Balancer(table, row, config.max_connections),
+            )
         )
     except (TimeoutError, ConnectionError, OSError) as exc:
         # No engine, an incompatible one, or no tokenizer at READY's model path.

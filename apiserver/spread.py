@@ -13,13 +13,18 @@ every other's, decided from the shared ``LoadTable`` in about a microsecond per 
    response with ``Connection: close`` (``should_shed``): the client reconnects, and rule 1
    sends it elsewhere. The HTTP contract makes this safe: the client reads the whole response,
    then opens a new connection for its next request.
-3. A server holding one connection above the least loaded one hands one back every
-   ``ROTATE_S``, so that when connections do not divide evenly (64 over 14 servers, or fewer
+3. A server that has held one connection above the least loaded one for ``ROTATE_S`` hands
+   one back, so that when connections do not divide evenly (64 over 14 servers, or fewer
    connections than servers) the extra ones rotate and every server gets its share of the
-   requests over time, not only of the connections.
+   requests over time, not only of the connections. (At once would bounce every new
+   connection: rule 1 lets a server accept while it is level with the least loaded.)
 4. A draining server (SIGTERM) stops accepting and closes every connection after its next
    response, so that clients move to the other servers without ever sending a request on a
    connection that the server closes under them.
+
+Rules 2 and 3 rest while even the least loaded server holds ``CROWDED`` of
+``--max-connections``: a connection sent away then reconnects behind whatever fills the
+host (a flood of idle connections, say) and is refused, so established clients keep theirs.
 
 Why connections and not in-flight requests: connections are what moves (a request cannot
 change servers), closed-loop and keep-alive clients keep about one request in flight per
@@ -34,8 +39,11 @@ from typing import Any
 
 from apiserver.load_table import DRAINING, NOT_SERVING, SERVING, STARTING, LoadTable
 
-#: Rule 3's interval between hand-backs of a connection held one above the least loaded.
+#: Rule 3: how long a server holds one connection above the least loaded before handing it
+#: back (and so at most how often it hands one back).
 ROTATE_S = 1.0
+#: Rules 2 and 3 rest while the least loaded server holds this share of its connection cap.
+CROWDED = 0.75
 
 _CLOSE = (b"connection", b"close")
 
@@ -45,9 +53,14 @@ class Balancer:
     decisions of rules 1-4. Used on the event loop only."""
 
     def __init__(
-        self, table: LoadTable, index: int, clock: Callable[[], float] = time.monotonic
+        self,
+        table: LoadTable,
+        index: int,
+        max_connections: int,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.table = table
+        self._crowded = CROWDED * max_connections
         self._clock = clock
         self.index = index
         self.connections = 0
@@ -55,7 +68,8 @@ class Balancer:
         #: Connections told to close whose close has not been seen yet (any close counts one
         #: off, so the figure can only err low, for a moment).
         self._closing = 0
-        self._next_rotation = 0.0
+        #: Since when this server has been one connection above the least loaded (rule 3).
+        self._one_above_since: float | None = None
         #: Called when this server's connection count falls (the acceptor resumes reading).
         self.on_release: Callable[[], None] = _nothing
         table.publish(index, STARTING, 0)
@@ -95,12 +109,18 @@ class Balancer:
         least = self.table.least_connections()
         excess = self.connections - self._closing - least
         if excess <= 0 or least == NOT_SERVING:
+            self._one_above_since = None
+            return False
+        if least >= self._crowded:
             return False
         now = self._clock()
-        if excess == 1 and now < self._next_rotation:
-            return False
+        if excess == 1:
+            if self._one_above_since is None:
+                self._one_above_since = now
+            if now - self._one_above_since < ROTATE_S:
+                return False
         self._closing += 1
-        self._next_rotation = now + ROTATE_S
+        self._one_above_since = now
         return True
 
     def _publish(self) -> None:

@@ -30,6 +30,8 @@ from apiserver.load_table import (
 )
 from apiserver.spread import Balancer, ShedMiddleware
 
+MAX_CONNECTIONS = 1000
+
 
 class Clock:
     def __init__(self) -> None:
@@ -42,7 +44,10 @@ class Clock:
 def _servers(path: Path, n: int, clock: Clock | None = None) -> tuple[LoadTable, list[Balancer]]:
     """The launcher's table and ``n`` serving balancers, each over its own mapping of it."""
     launcher = LoadTable.create(str(path), n)
-    balancers = [Balancer(LoadTable.open(str(path), n), i, clock or Clock()) for i in range(n)]
+    balancers = [
+        Balancer(LoadTable.open(str(path), n), i, MAX_CONNECTIONS, clock or Clock())
+        for i in range(n)
+    ]
     for b in balancers:
         b.start_serving()
     return launcher, balancers
@@ -127,12 +132,16 @@ def test_shedding_two_above_the_least_at_once_and_one_above_once_a_second(tmp_pa
     a.connection_closed()
     b.connection_opened()  # one of the two reconnected to b: 3 vs 3
     assert not a.should_shed() and not b.should_shed()
-    b.connection_opened()  # 3 vs 4: one above, handed back at most once per ROTATE_S
+    b.connection_opened()  # 3 vs 4: one above; handed back once it has been so for ROTATE_S
+    assert not b.should_shed()
+    clock.now += spread.ROTATE_S
     assert b.should_shed() and not b.should_shed()
     b.connection_closed()
     a.connection_opened()  # 4 vs 3
-    assert not a.should_shed()  # a's last hand-back was less than ROTATE_S ago
-    clock.now += spread.ROTATE_S
+    assert not a.should_shed()  # a has been one above for less than ROTATE_S
+    clock.now += spread.ROTATE_S / 2
+    assert not a.should_shed()
+    clock.now += spread.ROTATE_S / 2
     assert a.should_shed() and not a.should_shed()
 
 
@@ -144,9 +153,23 @@ def test_a_draining_server_closes_every_connection(tmp_path: Path) -> None:
     assert not b.should_shed()
 
 
+def test_no_shedding_while_every_server_is_crowded(tmp_path: Path) -> None:
+    """A flood near --max-connections on every server: a connection closed now would likely be
+    refused where it reconnects, so the servers keep theirs, and shed again once there is room."""
+    _, (a, b) = _servers(tmp_path / "t", 2)
+    _connect(a, MAX_CONNECTIONS + 5)
+    _connect(b, MAX_CONNECTIONS)
+    assert not any(a.should_shed() for _ in range(5))
+    for _ in range(MAX_CONNECTIONS - int(spread.CROWDED * MAX_CONNECTIONS)):
+        b.connection_closed()  # b is down to the crowded mark: still no room worth moving to
+    assert not a.should_shed()
+    b.connection_closed()
+    assert a.should_shed()
+
+
 def test_a_lone_server_never_sheds(tmp_path: Path) -> None:
     table = LoadTable.private()
-    balancer = Balancer(table, 0)
+    balancer = Balancer(table, 0, MAX_CONNECTIONS)
     assert not balancer.may_accept()  # not serving yet
     balancer.start_serving()
     _connect(balancer, 50)
@@ -213,7 +236,9 @@ def test_acceptors_sharing_a_socket_split_a_burst_of_connections(tmp_path: Path)
     launcher = LoadTable.create(str(tmp_path / "t"), 2)
 
     async def main() -> tuple[list[bytes], list[bytes]]:
-        balancers = [Balancer(LoadTable.open(str(tmp_path / "t"), 2), i) for i in range(2)]
+        balancers = [
+            Balancer(LoadTable.open(str(tmp_path / "t"), 2), i, MAX_CONNECTIONS) for i in range(2)
+        ]
         acceptors = [
             Acceptor(
                 listener.dup(),

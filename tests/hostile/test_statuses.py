@@ -22,7 +22,10 @@ from starlette.routing import Route
 
 from apiserver.admission import Admission
 from apiserver.app import EXCEPTION_HANDLERS
+from apiserver.config import ServerConfig
+from apiserver.load_table import LoadTable
 from apiserver.middleware import FaninMiddleware
+from ipc.messages import EngineLoad
 
 pytestmark = pytest.mark.slow
 
@@ -97,7 +100,9 @@ def test_unexpected_exceptions_are_openai_500s() -> None:
         index=0,
         api_key=None,
         max_body_bytes=1024,
-        admission=Admission(1, 1, lambda: 0, lambda: False),
+        admission=Admission(
+            ServerConfig(), EngineLoad, lambda: 0, lambda: False, LoadTable.private(), 0
+        ),
     )
 
     async def call() -> httpx.Response:
