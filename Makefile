@@ -2,6 +2,8 @@
 # make test:  install if needed, run the test suite.
 # make lint:  ruff, and mypy (strict) on apiserver/ and ipc/.
 # make bench-smoke: `fanin bench sweep` at CI size on the CPU (two configurations, seconds each).
+# make soak: 30 minutes of mixed load with leaving clients, 2x bursts and one API-server kill,
+#            then the leak checks (not in CI); results in soak-results/ (MINUTES=30 to change).
 # make install-lb: HAProxy from the distribution's packages (tests/integration/test_load_balancer.py).
 PYTHON ?= python3
 VENV ?= .venv
@@ -12,7 +14,7 @@ PORT ?= 8000
 # else drags in a different build.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install serve test lint install-lb bench-ipc bench-smoke clean
+.PHONY: install serve test lint install-lb bench-ipc bench-smoke soak clean
 
 install: $(STAMP)
 
@@ -50,6 +52,10 @@ bench-smoke: install
 	$(BIN)/fanin bench sweep --strict --configs inline:1x1 pool:2x1 --max-concurrency 4 \
 		--image-size 256x192 --output-len 4 --ignore-eos --warmup-seconds 1 --duration 4 \
 		--num-prompts 400 --no-progress --result-dir "$$out"
+
+MINUTES ?= 30
+soak: install
+	$(BIN)/python -m bench.soak --minutes $(MINUTES) --result-dir soak-results
 
 clean:
 	rm -rf $(VENV) build *.egg-info

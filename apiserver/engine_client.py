@@ -187,6 +187,7 @@ class EngineClient:
                     engine.load = msg.load
                     metrics.ENGINE_RUNNING.set(msg.load.num_running)
                     metrics.ENGINE_WAITING.set(msg.load.num_waiting)
+                    metrics.ENGINE_KV_USAGE.set(msg.load.kv_usage)
                     for out in msg.outputs:
                         self._route(out)
                 elif isinstance(msg, Ready):

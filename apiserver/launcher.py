@@ -14,30 +14,23 @@ import os
 import signal
 import socket
 import sys
-import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 import msgspec
-import zmq
 from prometheus_client import multiprocess
 
 from apiserver.config import ServerConfig
 from apiserver.cpu_budget import CpuShare, thread_environment
 from apiserver.listener import describe_listener, remove_uds
 from apiserver.load_table import LoadTable
-from apiserver.run_dir import RunDir, remove_stale_run_dirs
+from apiserver.run_dir import RunDir, engine_address, remove_stale_run_dirs
 from apiserver.supervisor import Child, Events, respawn_delay, spawn
 from apiserver.systemd import notify, watchdog_interval
-from ipc import messages, transport
-from ipc.codec import Decoder, Encoder
 from ipc.config import EngineConfig
 
 logger = logging.getLogger("fanin.launcher")
 
-#: Client index of the launcher's own READY probe; no API server gets it (count <= 256).
-LAUNCHER_CLIENT_INDEX = 65535
 #: How long API servers get to answer in-flight requests with 503 after the engine died.
 ENGINE_DEATH_GRACE_S = 2.5
 #: Extra time over shutdown_timeout before stragglers are SIGKILLed.
@@ -108,7 +101,7 @@ class Launcher:
             logger.warning("%s=%s is set in the environment: API servers keep it", name, value)
 
     def _write_configs(self, run_dir: str) -> None:
-        address = transport.engine_address(run_dir)
+        address = engine_address(run_dir)
         metrics_dir = os.path.join(run_dir, "metrics")
         os.mkdir(metrics_dir, 0o700)
         self.engine_cfg = msgspec.structs.replace(self.engine_cfg, engine_address=address)
@@ -126,20 +119,23 @@ class Launcher:
 
     def _serve(self, close_listener: Callable[[], None]) -> int:
         engine_cmd = [sys.executable, "-m", "engine_core", "--config"]
-        engine_cmd += [f"{self.run_dir}/engine.json", "--parent-pid", str(os.getpid())]
+        engine_cmd += [f"{self.run_dir}/engine.json", "--ready-fd", "{ready_fd}"]
+        engine_cmd += ["--parent-pid", str(os.getpid())]
         # The engine's own CPU work (input staging, pinned copies) runs in torch's thread pool
         # too: left at a thread per core, its spinning OpenMP workers took 10 of 16 cores from
         # the API servers on the GPU host. It gets the cores the budget keeps for it.
         updates, _ = thread_environment(max(1, self.share.engine_cores), os.environ)
-        self.engine = spawn("engine core", engine_cmd, env={**os.environ, **updates})
+        self.engine = spawn(
+            "engine core", engine_cmd, env={**os.environ, **updates}, with_ready_pipe=True
+        )
         self.events.watch(self.engine)
-        logger.info("engine core started (pid %d); waiting for READY", self.engine.pid)
-        code = self._wait_engine_ready(self.engine)
-        if code is not None:
-            return self._stop(code)
+        logger.info("engine core started (pid %d)", self.engine.pid)
+        # The API servers start with it: their imports overlap the engine's model load, and
+        # their HELLOs wait in ZeroMQ's queue until the engine binds (they wait for READY as
+        # long as the launcher waits for the engine).
         for index in range(self.share.api_server_count):
             self._spawn_server(index)
-        code = self._wait_servers_ready()
+        code = self._wait_started()
         if code is not None:
             return self._stop(code)
         status = f"{len(self.servers)} API server(s), engine core pid {self.engine.pid}"
@@ -164,63 +160,31 @@ class Launcher:
 
     # -- startup ---------------------------------------------------------------------------
 
-    def _wait_engine_ready(self, engine: Child) -> int | None:
-        """READY from the engine through our own HELLO, while watching the engine process and
-        signals. None when ready, else the exit code to stop with (after logging why)."""
-        ctx: zmq.Context[Any] = zmq.Context()
-        done_r, done_w = os.pipe2(os.O_CLOEXEC)
-        outcome: list[BaseException | messages.Ready] = []
+    def _wait_started(self) -> int | None:
+        """The engine's ready byte within ``engine_ready_timeout``, then every server's,
+        watching every process and signals. None when all are ready, else the exit code to
+        stop with (after logging why)."""
+        engine = self.engine
+        assert engine is not None
         timeout = self.server_cfg.engine_ready_timeout
-
-        def probe() -> None:
-            # zmq sockets belong to one thread: this one creates, uses and closes it.
-            try:
-                sock = transport.connect_client_socket(
-                    ctx, self.engine_cfg.engine_address, LAUNCHER_CLIENT_INDEX
-                )
-                try:
-                    hello = messages.Hello(client_index=LAUNCHER_CLIENT_INDEX, pid=os.getpid())
-                    dec = Decoder(messages.FROM_ENGINE)
-                    outcome.append(transport.handshake(sock, Encoder(), dec, hello, timeout))
-                finally:
-                    sock.close(linger=0)
-            except BaseException as e:  # reported to the main thread, which decides
-                outcome.append(e)
-            finally:
-                os.write(done_w, b"x")
-
-        thread = threading.Thread(target=probe, name="engine-ready-probe", daemon=True)
-        thread.start()
-        self.events.watch_fd(done_r, "probe")
-        try:
-            while not outcome:
-                for tag, obj in self._wait(None):
-                    if tag == "exit" and obj is engine:
-                        logger.error(
-                            "engine core exited with code %s before it was ready", engine.exit_code
-                        )
-                        return 1
-                    if tag == "signal":
-                        logger.info("%s during startup: stopping", _signal_name(obj))
-                        return 0
-            result = outcome[0]
-            if isinstance(result, messages.Ready):
-                logger.info(
-                    "engine ready: model %s, max_model_len %d", result.model, result.max_model_len
-                )
-                return None
-            if isinstance(result, TimeoutError):
+        deadline = time.monotonic() + timeout
+        children = [engine, *self.servers.values()]
+        while not all(c.is_ready for c in children):
+            events = self._wait(None if engine.is_ready else deadline)
+            if not events:
                 logger.error("engine core not ready within %g s (engine_ready_timeout)", timeout)
-            else:
-                logger.error("engine handshake failed: %s", result)
-            return 1
-        finally:
-            # Terminating the context wakes the probe out of its poll (ETERM) if still waiting.
-            ctx.term()
-            thread.join()
-            self.events.unwatch_fd(done_r)
-            os.close(done_r)
-            os.close(done_w)
+                return 1
+            for tag, obj in events:
+                if tag == "signal":
+                    logger.info("%s during startup: stopping", _signal_name(obj))
+                    return 0
+                if tag == "exit":
+                    assert isinstance(obj, Child)
+                    logger.error("%s exited with code %s during startup", obj.name, obj.exit_code)
+                    return 1
+                if tag == "ready" and obj is engine:
+                    logger.info("engine core ready")
+        return None
 
     def _spawn_server(self, index: int) -> None:
         cmd = [sys.executable, "-m", "apiserver.server", "--config", f"{self.run_dir}/server.json"]
@@ -237,19 +201,6 @@ class Launcher:
         self.servers[index] = child
         self.events.watch(child)
         logger.info("api server %d started (pid %d)", index, child.pid)
-
-    def _wait_servers_ready(self) -> int | None:
-        """None once every server wrote its ready byte, else the exit code to stop with."""
-        while not all(c.is_ready for c in self.servers.values()):
-            for tag, obj in self._wait(None):
-                if tag == "signal":
-                    logger.info("%s during startup: stopping", _signal_name(obj))
-                    return 0
-                if tag == "exit":
-                    assert isinstance(obj, Child)
-                    logger.error("%s exited with code %s during startup", obj.name, obj.exit_code)
-                    return 1
-        return None
 
     # -- steady state ----------------------------------------------------------------------
 

@@ -32,6 +32,11 @@ ENGINE_RUNNING = Gauge(
 ENGINE_WAITING = Gauge(
     "fanin_engine_waiting", "requests waiting in the engine", multiprocess_mode="mostrecent"
 )
+ENGINE_KV_USAGE = Gauge(
+    "fanin_engine_kv_cache_usage",
+    "share of the engine's KV cache slots taken",
+    multiprocess_mode="mostrecent",
+)
 INFLIGHT = Gauge(
     "fanin_server_inflight", "requests in flight", ["server"], multiprocess_mode="livesum"
 )

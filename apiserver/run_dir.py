@@ -17,20 +17,40 @@ import shutil
 import stat
 import tempfile
 
-from ipc import transport
-
 logger = logging.getLogger("fanin.launcher")
 
 PREFIX = "fanin-"
+#: sun_path holds 108 bytes including the terminating NUL.
+MAX_IPC_PATH_BYTES = 107
 #: Present only once locked (it is locked under another name, then renamed), holding the pid.
 LOCK_NAME = "launcher.lock"
+
+
+def make_run_dir(prefix: str = PREFIX) -> str:
+    """A fresh private directory (mode 0700, owned by us) for this instance's sockets."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    st = os.stat(path)
+    if stat.S_IMODE(st.st_mode) != 0o700 or st.st_uid != os.getuid():
+        raise PermissionError(f"run dir {path} is not private (mode {st.st_mode:o})")
+    return path
+
+
+def engine_address(run_dir: str) -> str:
+    """The ``ipc://`` address of the engine socket inside ``run_dir``."""
+    path = os.path.join(os.path.abspath(run_dir), "engine.sock")
+    if len(os.fsencode(path)) > MAX_IPC_PATH_BYTES:
+        raise ValueError(
+            f"socket path {path!r} exceeds the {MAX_IPC_PATH_BYTES}-byte AF_UNIX limit; "
+            "use a shorter run dir (e.g. set TMPDIR)"
+        )
+    return f"ipc://{path}"
 
 
 class RunDir:
     """A fresh private run dir, locked until ``remove()``."""
 
     def __init__(self) -> None:
-        self.path = transport.make_run_dir(PREFIX)
+        self.path = make_run_dir()
         try:
             temp = os.path.join(self.path, LOCK_NAME + ".new")
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC

@@ -46,7 +46,7 @@ from apiserver.acceptor import Acceptor, counted_protocol
 from apiserver.config import ServerConfig
 from apiserver.load_table import LoadTable
 from apiserver.spread import Balancer, ShedMiddleware
-from ipc.lifecycle import die_with_parent, name_process
+from ipc.lifecycle import die_with_parent, name_process, signal_ready
 
 if TYPE_CHECKING:  # imported for real in _serve, after PROMETHEUS_MULTIPROC_DIR is set
     from apiserver.context import ServerContext
@@ -282,10 +282,8 @@ class _ReadyServer(uvicorn.Server):
         self._acceptor = Acceptor(self._listener, factory, self._balancer)
         self._acceptor.start()
         self.servers.append(self._acceptor)  # type: ignore[arg-type]  # closed by shutdown
-        if self._ready_fd is not None:
-            os.write(self._ready_fd, b"1")
-            os.close(self._ready_fd)
-            self._ready_fd = None
+        signal_ready(self._ready_fd)
+        self._ready_fd = None
 
     async def on_tick(self, counter: int) -> bool:
         # uvicorn ticks ten times a second: beat on its once-a-second tick, and publish the

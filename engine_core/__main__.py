@@ -1,4 +1,6 @@
-"""``python -m engine_core --config PATH [--parent-pid PID]``: the engine-core process.
+"""``python -m engine_core --config PATH [--ready-fd FD] [--parent-pid PID]``: the engine-core
+process. It writes one byte to ``--ready-fd`` once it takes HELLOs (the launcher then starts
+the API servers).
 
 Exit status: 0 after SHUTDOWN or SIGTERM/SIGINT, 1 after a fatal error (every connected API
 server is sent ENGINE_DEAD first), 2 for a bad command line or config.
@@ -22,7 +24,7 @@ from engine_core.io_thread import EngineIO
 from engine_core.sampler import Sampler
 from ipc import messages
 from ipc.config import EngineConfig
-from ipc.lifecycle import die_with_parent, name_process
+from ipc.lifecycle import die_with_parent, name_process, signal_ready
 
 logger = logging.getLogger("engine_core")
 
@@ -30,6 +32,7 @@ logger = logging.getLogger("engine_core")
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m engine_core", description=__doc__)
     parser.add_argument("--config", required=True, help="EngineConfig as JSON")
+    parser.add_argument("--ready-fd", type=int, help="write one byte here once serving")
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when it dies")
     return parser.parse_args(argv)
 
@@ -108,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     core = EngineCore(config, runner, Sampler(config.seed, runner.device), io)
     io.start()
     io_started = True
+    signal_ready(args.ready_fd)
     logger.info(
         "serving %s at %s (%d CPU math thread(s))",
         runner.facts.model_name,

@@ -189,8 +189,8 @@ class EngineIO:
             if exc.errno != errno.EHOSTUNREACH:
                 raise
             if self._clients.pop(client, None) is not None or isinstance(msg, messages.Ready):
-                # INFO: the launcher's READY probe leaves like this on every start; the busy loop
-                # warns when a client that left still had requests.
+                # A client gone before its READY left too. INFO: the busy loop warns when a
+                # client that left still had requests.
                 logger.info("client %r disconnected", client)
                 self.inbox.put(ClientGone(client))
             return

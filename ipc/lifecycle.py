@@ -1,4 +1,5 @@
-"""Process hygiene shared by every fanin process: a name for ps/top, and dying with the parent.
+"""Process hygiene shared by every fanin process: a name for ps/top, dying with the parent,
+and telling the launcher that the process is ready.
 
 It lives in ``ipc`` because both sides of the wire need it and may import nothing else shared.
 """
@@ -31,3 +32,11 @@ def die_with_parent(parent_pid: int, sig: int = signal.SIGTERM) -> None:
         return
     if os.getppid() != parent_pid:
         os.kill(os.getpid(), sig)
+
+
+def signal_ready(fd: int | None) -> None:
+    """Write the launcher's ready byte to ``fd`` (``--ready-fd``) and close it; None: started
+    without a launcher."""
+    if fd is not None:
+        os.write(fd, b"1")
+        os.close(fd)

@@ -1,17 +1,15 @@
 """ZeroMQ endpoints between the API servers (DEALER each) and the engine core (ROUTER).
 
-The engine binds one ROUTER on ``ipc://<private run dir>/engine.sock``; API server ``i``
+The engine binds one ROUTER on ``ipc://<private run dir>/engine.sock`` (the launcher makes
+the run dir and the address: ``apiserver.run_dir``); API server ``i``
 connects a DEALER whose routing identity is ``client_identity(i)``, so the engine routes its
 outputs by the socket a request came in on, never by anything a client wrote in a message.
-Sync helpers serve the engine's IO thread and the launcher; the ``a*`` twins serve API servers
-on ``zmq.asyncio``. The protocol logic they share lives in plain functions.
+Sync helpers serve the engine's IO thread (and the tests' stand-in clients); the ``a*`` twins
+serve API servers on ``zmq.asyncio``. The protocol logic they share lives in plain functions.
 """
 
 from __future__ import annotations
 
-import os
-import stat
-import tempfile
 import time
 from typing import Any
 
@@ -22,32 +20,9 @@ import zmq.asyncio
 from ipc import messages
 from ipc.codec import Decoder, Encoder
 
-# sun_path holds 108 bytes including the terminating NUL.
-MAX_IPC_PATH_BYTES = 107
-
 
 class HandshakeError(ConnectionError):
     """The engine answered HELLO with something other than a compatible READY."""
-
-
-def make_run_dir(prefix: str = "fanin-") -> str:
-    """A fresh private directory (mode 0700, owned by us) for this instance's sockets."""
-    path = tempfile.mkdtemp(prefix=prefix)
-    st = os.stat(path)
-    if stat.S_IMODE(st.st_mode) != 0o700 or st.st_uid != os.getuid():
-        raise PermissionError(f"run dir {path} is not private (mode {st.st_mode:o})")
-    return path
-
-
-def engine_address(run_dir: str) -> str:
-    """The ``ipc://`` address of the engine socket inside ``run_dir``."""
-    path = os.path.join(os.path.abspath(run_dir), "engine.sock")
-    if len(os.fsencode(path)) > MAX_IPC_PATH_BYTES:
-        raise ValueError(
-            f"socket path {path!r} exceeds the {MAX_IPC_PATH_BYTES}-byte AF_UNIX limit; "
-            "use a shorter run dir (e.g. set TMPDIR)"
-        )
-    return f"ipc://{path}"
 
 
 def client_identity(index: int) -> bytes:

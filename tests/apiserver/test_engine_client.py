@@ -24,6 +24,7 @@ import zmq.asyncio
 from apiserver.engine_client import EngineClient
 from apiserver.errors import ApiError
 from apiserver.request_stream import Deadline
+from apiserver.run_dir import engine_address, make_run_dir
 from ipc import messages, transport
 from ipc.codec import Decoder, Encoder
 
@@ -293,8 +294,8 @@ def test_stuck_loop_exits_the_process() -> None:
 
 @contextlib.asynccontextmanager
 async def _harness(tmp_path: Path) -> AsyncIterator[Harness]:
-    run_dir = transport.make_run_dir()
-    address = transport.engine_address(run_dir)
+    run_dir = make_run_dir()
+    address = engine_address(run_dir)
     engine = Engine(address)
     fatal: list[str] = []
     client = EngineClient(address, 0, heartbeat_timeout_s=1.0, on_fatal=fatal.append)

@@ -13,7 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from apiserver.run_dir import LOCK_NAME, RunDir, remove_stale_run_dirs
+from apiserver.run_dir import (
+    LOCK_NAME,
+    RunDir,
+    engine_address,
+    make_run_dir,
+    remove_stale_run_dirs,
+)
 
 # Makes a run dir, prints its path, then holds it until stdin closes; never calls remove().
 HOLDER = "from apiserver.run_dir import RunDir; print(RunDir().path, flush=True); input()"
@@ -70,3 +76,18 @@ def test_next_launcher_removes_only_run_dirs_whose_launcher_is_gone(tmp_path: Pa
             if proc.poll() is None:
                 proc.kill()
             proc.communicate()
+
+
+def test_run_dir_is_private() -> None:
+    path = make_run_dir()
+    try:
+        st = os.stat(path)
+        assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == os.getuid()
+        assert engine_address(path) == f"ipc://{path}/engine.sock"
+    finally:
+        os.rmdir(path)
+
+
+def test_engine_address_refuses_long_paths(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="AF_UNIX"):
+        engine_address(str(tmp_path / ("d" * 120)))

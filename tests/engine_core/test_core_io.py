@@ -16,13 +16,14 @@ import zmq
 from dealer import Client
 from test_scheduler import FakeRunner, expected_tokens
 
+from apiserver.run_dir import engine_address
 from engine_core.__main__ import ready_message
 from engine_core.batch import Chunk, StepResult
 from engine_core.core import EngineCore, EngineFailed
 from engine_core.io_thread import EngineIO
 from engine_core.pipeline import Pipeline
 from engine_core.sampler import Sampler
-from ipc import messages, transport
+from ipc import messages
 from ipc.config import EngineConfig
 
 POLL_MS = 10_000
@@ -34,7 +35,7 @@ class Engine:
     """EngineCore + EngineIO on a FakeRunner, the loop in a thread."""
 
     def __init__(self, run_dir: Path, runner: FakeRunner) -> None:
-        self.address = transport.engine_address(str(run_dir))
+        self.address = engine_address(str(run_dir))
         self.config = EngineConfig(model="fake", engine_address=self.address)
         self.io = EngineIO(self.address, ready_message(self.config, runner.facts))
         self.core = EngineCore(self.config, runner, Sampler(0, runner.device), self.io)  # type: ignore[arg-type]

@@ -25,8 +25,9 @@ from conftest import image_request
 from dealer import Client
 from PIL import Image
 
+from apiserver.run_dir import engine_address, make_run_dir
 from bench.datasets import sharegpt_prompts
-from ipc import messages, transport
+from ipc import messages
 from ipc.config import EngineConfig
 
 pytestmark = pytest.mark.slow
@@ -39,8 +40,8 @@ LONG = 900
 
 class EngineProcess:
     def __init__(self, model_dir: Path, **overrides: Any) -> None:
-        self.run_dir = transport.make_run_dir("fanin-test-")
-        self.address = transport.engine_address(self.run_dir)
+        self.run_dir = make_run_dir("fanin-test-")
+        self.address = engine_address(self.run_dir)
         fields: dict[str, Any] = {
             "max_model_len": 1024,
             "max_num_seqs": 12,

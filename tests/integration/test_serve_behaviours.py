@@ -146,13 +146,14 @@ def _wait_until(what: str, condition: Callable[[], bool], timeout_s: float = 30.
 
 
 def _settled(fanin: Fanin, key: str | None = None) -> None:
-    """Nothing in flight on any API server and nothing running in the engine."""
+    """Nothing in flight on any API server, nothing running in the engine, no KV slot taken."""
 
     def idle() -> bool:
         samples = _metrics(fanin, key)
         return (
             _sample(samples, "fanin_server_inflight") == 0
             and _sample(samples, "fanin_engine_running") == 0
+            and _sample(samples, "fanin_engine_kv_cache_usage") == 0
         )
 
     _wait_until("servers and engine idle", idle)
@@ -687,9 +688,11 @@ def test_stream_disconnect_aborts_in_engine(main: Fanin, token_s: float) -> None
         if received == 8:
             break
     _wait_until("the request runs in the engine", lambda: _engine_running(main) == 1)
+    assert _sample(_metrics(main), "fanin_engine_kv_cache_usage") > 0  # its slot is taken
     stream.close()  # the client goes away mid-stream
     _wait_aborted(main, token_s, LONG_TOKENS - 8)
     _still_serving(main)
+    _settled(main)  # the slot is given back too
 
 
 def test_nonstream_disconnect_aborts_in_engine(main: Fanin, token_s: float) -> None:

@@ -196,7 +196,7 @@ def test_engine_failing_to_load_is_reported_with_its_exit_code(
     (broken / "config.json").write_text(json.dumps(config), encoding="utf-8")
     result = _serve_fails(str(broken), "--port", "0")
     assert result.returncode != 0
-    assert "engine core exited with code 1 before it was ready" in result.stderr
+    assert "engine core exited with code 1 during startup" in result.stderr
 
 
 def test_second_sigint_exits_at_once(default_model_dir: Path, tmp_path: Path) -> None:
