@@ -41,35 +41,46 @@ DRAIN_SMOOTHING = 0.3
 
 class DrainRate:
     """Requests per second the engine starts running while the host has a queue, from the
-    engine's cumulative ``num_admitted`` (robust to snapshots that never arrived)."""
+    engine's cumulative ``num_admitted`` (robust to snapshots that never arrived).
+
+    A window opens when a queue is seen and closes at the first admission at least
+    ``DRAIN_WINDOW_S`` later, so a slow drain (requests that run for seconds, fewer than one
+    admission per window) is measured too. While a window waits for its first admission the
+    rate cannot be above one per the time waited, and the estimate is held to that bound: an
+    engine that stopped admitting must not look fast. Idle time (no queue) says nothing of
+    the engine's capacity: it ends the open window unmeasured."""
 
     def __init__(self) -> None:
         self.per_s: float | None = None
-        self._since: float | None = None
+        self._since: float | None = None  # the open window's start; None: no queue seen
         self._admitted = 0
-        self._was_backlogged = False
 
     def observe(self, admitted: int, backlogged: bool, now: float) -> None:
         """Note the engine's count and whether requests are pending now."""
-        if self._since is None or admitted < self._admitted:  # first sight, or a new engine
-            self._since, self._admitted, self._was_backlogged = now, admitted, backlogged
+        if not backlogged or self._since is None or admitted < self._admitted:
+            # Idle, a first queue, or a new engine (its count starts from 0 again).
+            self._since = now if backlogged else None
+            self._admitted = admitted
             return
         elapsed = now - self._since
         if elapsed < DRAIN_WINDOW_S:
-            self._was_backlogged = self._was_backlogged and backlogged
             return
-        if self._was_backlogged and backlogged:  # a queue all through the window
-            rate = (admitted - self._admitted) / elapsed
-            self.per_s = (
-                rate
-                if self.per_s is None
-                else (DRAIN_SMOOTHING * rate + (1 - DRAIN_SMOOTHING) * self.per_s)
-            )
-        self._since, self._admitted, self._was_backlogged = now, admitted, backlogged
+        grown = admitted - self._admitted
+        if not grown:
+            if self.per_s is not None:
+                self.per_s = min(self.per_s, 1 / elapsed)
+            return
+        rate = grown / elapsed
+        self.per_s = (
+            rate
+            if self.per_s is None
+            else DRAIN_SMOOTHING * rate + (1 - DRAIN_SMOOTHING) * self.per_s
+        )
+        self._since, self._admitted = now, admitted
 
     def seconds_for(self, requests: float) -> float | None:
         """How long draining ``requests`` takes at the measured rate (None: not measured)."""
-        if not self.per_s:
+        if self.per_s is None:
             return None
         return requests / self.per_s
 

@@ -130,3 +130,16 @@ def test_idle_time_leaves_the_drain_rate_alone() -> None:
     drain.observe(13, True, 22.0)
     assert drain.per_s is not None and drain.per_s > 0
     assert drain.seconds_for(14) == pytest.approx(14 / drain.per_s)
+
+
+def test_a_slow_drain_is_measured_and_a_stalled_one_is_not_taken_for_fast() -> None:
+    """Requests that run for 2 s each: fewer than one admission per window, still measured
+    (the server's tick observes every 0.1 s); then the engine stops admitting."""
+    drain = DrainRate()
+    for tick in range(101):  # 10 s, an admission every 2 s
+        drain.observe(tick // 20, True, tick / 10)
+    assert drain.per_s == pytest.approx(0.5)
+    for tick in range(101, 201):  # 10 s more, no admission
+        drain.observe(5, True, tick / 10)
+    assert drain.per_s is not None and drain.per_s <= 1 / 10
+    assert drain.seconds_for(3) is not None and drain.seconds_for(3) >= 30
