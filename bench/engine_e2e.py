@@ -217,7 +217,7 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     cmd = [
-        sys.executable, "-m", "apiserver.cli", "serve", args.model,
+        sys.executable, "-m", "apiserver.launch.cli", "serve", args.model,
         "--host", HOST, "--port", str(args.port), "--served-model-name", MODEL_NAME,
         "--api-server-count", str(args.api_server_count),
         "--renderer-num-workers", str(args.renderer_num_workers),

@@ -135,7 +135,7 @@ class Served:
     def __init__(self, model: Path, transfer: str, log: Path, gpu_share: float) -> None:
         self.transfer = transfer
         self.port = _free_port()
-        argv = [sys.executable, "-m", "apiserver.cli", "serve", str(model)]
+        argv = [sys.executable, "-m", "apiserver.launch.cli", "serve", str(model)]
         argv += ["--host", "127.0.0.1", "--port", str(self.port), "--api-server-count", "1"]
         argv += ["--renderer-num-workers", "1", "--api-server-threads", "1"]
         argv += ["--pixel-transfer", transfer, "--served-model-name", "bench"]

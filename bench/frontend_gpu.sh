@@ -21,7 +21,7 @@ py=${PYTHON:-python3}
 transformers.__version__, 'cores', len(os.sched_getaffinity(0)))"
 } | tee "$out/machine.txt"
 
-$py -m apiserver.cli build-model "$work/default" >/dev/null
+$py -m apiserver.launch.cli build-model "$work/default" >/dev/null
 status=0
 timeout 150 $py -m bench.pixel_exactness "$out" --model "$work/default" \
     >"$out/pixel_exactness.log" 2>&1 || status=$?

@@ -67,7 +67,7 @@ if [[ ${FANIN_SUITE_SMOKE:-} == 1 ]]; then
     graphs=(--device cpu)
 fi
 
-stage build_models $((90 * scale)) bash -c "$py -m apiserver.cli build-model '$work/default' &&
+stage build_models $((90 * scale)) bash -c "$py -m apiserver.launch.cli build-model '$work/default' &&
     $build_big"
 stage correctness_2b $((150 * scale)) $py bench/engine_correctness.py --model "$big" \
     "${prompt_args[@]}" "${corr[@]}" --out "$out/correctness_2b.json"

@@ -46,13 +46,13 @@ sweep() {
     local name=$1 model=$2
     shift 2
     echo "== $name ($(left) s left)"
-    $py -m apiserver.cli bench sweep "$model" "${images[@]}" "$@" --result-dir "$out/$name" \
+    $py -m apiserver.launch.cli bench sweep "$model" "${images[@]}" "$@" --result-dir "$out/$name" \
         >"$out/$name.stdout" 2>"$out/$name.stderr" || echo "$name: exit $?"
     sed -n '/^| config | req\/s/,/^$/p; /^| config | offered/,/^$/p' "$out/$name/sweep.md" || true
 }
 build_2b() { timeout 180 $py bench/qwen2vl_2b.py "$work/2b" >/dev/null; }
 
-$py -m apiserver.cli build-model "$work/default" >/dev/null
+$py -m apiserver.launch.cli build-model "$work/default" >/dev/null
 case $part in
 baseline)
     has_2b=1

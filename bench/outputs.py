@@ -17,7 +17,7 @@ def model_dir(model: Path | None) -> Iterator[Path]:
     if model is not None:
         yield model
         return
-    from apiserver.default_model import build_model
+    from apiserver.launch.default_model import build_model
 
     with tempfile.TemporaryDirectory() as work:
         yield build_model(Path(work) / "default")

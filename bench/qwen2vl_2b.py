@@ -16,7 +16,7 @@ import tempfile
 import torch
 from transformers import AutoConfig, AutoProcessor, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-from apiserver.default_model import build_model
+from apiserver.launch.default_model import build_model
 
 
 def build_2b(out_dir: pathlib.Path, device: str = "cuda") -> pathlib.Path:

@@ -1,4 +1,4 @@
-"""One ``fanin serve`` for a sweep: started as ``python -m apiserver.cli serve`` (that works
+"""One ``fanin serve`` for a sweep: started as ``python -m apiserver.launch.cli serve`` (that works
 installed or from a source tree on PYTHONPATH), ready once ``/ready`` answers 200, stopped
 with SIGTERM, and checked to leave no process behind.
 
@@ -75,7 +75,7 @@ class ServedFanin:
     ) -> ServedFanin:
         """Start ``fanin serve [model] --host 127.0.0.1 --port P *flags``."""
         port = free_port()
-        argv = [sys.executable, "-m", "apiserver.cli", "serve", *([model] if model else [])]
+        argv = [sys.executable, "-m", "apiserver.launch.cli", "serve", *([model] if model else [])]
         argv += ["--host", "127.0.0.1", "--port", str(port), *flags]
         return cls(argv, port, log_path, {**os.environ, **(env_overrides or {})})
 

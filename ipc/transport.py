@@ -1,7 +1,7 @@
 """ZeroMQ endpoints between the API servers (DEALER each) and the engine core (ROUTER).
 
 The engine binds one ROUTER on ``ipc://<private run dir>/engine.sock`` (the launcher makes
-the run dir and the address: ``apiserver.run_dir``); API server ``i``
+the run dir and the address: ``apiserver.launch.run_dir``); API server ``i``
 connects a DEALER whose routing identity is ``client_identity(i)``, so the engine routes its
 outputs by the socket a request came in on, never by anything a client wrote in a message.
 Sync helpers serve the engine's IO thread (and the tests' stand-in clients); the ``a*`` twins

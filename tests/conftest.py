@@ -17,6 +17,6 @@ def default_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default model (tiny random Qwen2-VL), built once per test session. Read-only:
     tests that modify a model folder must copy it first (``shutil.copytree``)."""
     # Imported here so that tests which never need a model do not pay for torch/transformers.
-    from apiserver.default_model import build_model
+    from apiserver.launch.default_model import build_model
 
     return build_model(tmp_path_factory.mktemp("models") / "default")

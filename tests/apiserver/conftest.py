@@ -25,7 +25,7 @@ import openai
 import pytest
 
 from apiserver.config import ServerConfig
-from apiserver.run_dir import engine_address, make_run_dir
+from apiserver.launch.run_dir import engine_address, make_run_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 FAKE_ENGINE = Path(__file__).with_name("fake_engine.py")

@@ -23,8 +23,8 @@ import zmq.asyncio
 
 from apiserver.engine_client import EngineClient
 from apiserver.errors import ApiError
+from apiserver.launch.run_dir import engine_address, make_run_dir
 from apiserver.request_stream import Deadline
-from apiserver.run_dir import engine_address, make_run_dir
 from ipc import messages, transport
 from ipc.codec import Decoder, Encoder
 

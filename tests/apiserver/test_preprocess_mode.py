@@ -9,9 +9,9 @@ import threading
 
 import pytest
 
-from apiserver import cli
 from apiserver.config import ServerConfig
 from apiserver.errors import ApiError
+from apiserver.launch import cli
 from apiserver.renderer import Renderer
 from ipc.messages import Ready
 

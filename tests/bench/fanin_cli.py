@@ -11,7 +11,7 @@ from pathlib import Path
 def run_fanin(*argv: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """``fanin ARGV...`` as a user runs it, from another directory than the repository. Past
     ``timeout`` it gets SIGTERM first, so that a sweep still stops the server it runs."""
-    command = [sys.executable, "-m", "apiserver.cli", *argv]
+    command = [sys.executable, "-m", "apiserver.launch.cli", *argv]
     with subprocess.Popen(
         command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     ) as child:

@@ -28,7 +28,9 @@ def test_the_bench_imports_no_server_code() -> None:
 
 
 def test_the_server_side_imports_no_bench_code() -> None:
-    imports = "import apiserver.cli, apiserver.server, apiserver.launcher, engine_core"
+    imports = (
+        "import apiserver.launch.cli, apiserver.server, apiserver.launch.launcher, engine_core"
+    )
     assert _loaded(imports, {"bench"}) == ""
 
 

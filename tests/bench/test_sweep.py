@@ -115,7 +115,7 @@ def test_sigterm_stops_the_sweep_and_its_server(default_model_dir: Path, tmp_pat
     out = tmp_path / "sweep"
     with (tmp_path / "sweep.err").open("w") as err:
         sweep = subprocess.Popen(
-            [sys.executable, "-m", "apiserver.cli", "bench", "sweep", str(default_model_dir),
+            [sys.executable, "-m", "apiserver.launch.cli", "bench", "sweep", str(default_model_dir),
              "--configs", "1x1", "--duration", "600", "--max-concurrency", "1",
              "--image-size", "64x48", "--output-len", "2", "--result-dir", str(out)],
             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err,

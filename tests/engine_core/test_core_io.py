@@ -16,7 +16,7 @@ import zmq
 from dealer import Client
 from test_scheduler import FakeRunner, expected_tokens
 
-from apiserver.run_dir import engine_address
+from apiserver.launch.run_dir import engine_address
 from engine_core.__main__ import ready_message
 from engine_core.batch import Chunk, StepResult
 from engine_core.core import EngineCore, EngineFailed

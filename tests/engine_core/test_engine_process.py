@@ -25,7 +25,7 @@ from conftest import image_request
 from dealer import Client
 from PIL import Image
 
-from apiserver.run_dir import engine_address, make_run_dir
+from apiserver.launch.run_dir import engine_address, make_run_dir
 from bench.datasets import sharegpt_prompts
 from ipc import messages
 from ipc.config import EngineConfig

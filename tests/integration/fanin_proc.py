@@ -37,7 +37,7 @@ def fanin_command() -> list[str]:
     script = Path(sys.executable).with_name("fanin")
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-m", "apiserver.cli"]
+    return [sys.executable, "-m", "apiserver.launch.cli"]
 
 
 def descendants(pid: int) -> list[int]:

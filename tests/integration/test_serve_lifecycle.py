@@ -20,7 +20,7 @@ import openai
 import pytest
 from fanin_proc import Fanin, descendants, fanin_command, free_port, get, start_fanin, wait_gone
 
-from apiserver import default_model
+from apiserver.launch import default_model
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,7 @@ import zmq
 import zmq.asyncio
 from ipc_samples import all_kinds, assert_same, astronaut_patches, image_request
 
-from apiserver.run_dir import engine_address, make_run_dir
+from apiserver.launch.run_dir import engine_address, make_run_dir
 from ipc import messages as m
 from ipc import transport as t
 from ipc.codec import Decoder, Encoder

@@ -22,11 +22,11 @@ from prometheus_client import multiprocess
 
 from apiserver.config import ServerConfig
 from apiserver.cpu_budget import CpuShare, thread_environment
-from apiserver.listener import describe_listener, remove_uds
+from apiserver.launch.listener import describe_listener, remove_uds
+from apiserver.launch.run_dir import RunDir, engine_address, remove_stale_run_dirs
+from apiserver.launch.supervisor import Child, Events, respawn_delay, spawn
+from apiserver.launch.systemd import notify, watchdog_interval
 from apiserver.load_table import LoadTable
-from apiserver.run_dir import RunDir, engine_address, remove_stale_run_dirs
-from apiserver.supervisor import Child, Events, respawn_delay, spawn
-from apiserver.systemd import notify, watchdog_interval
 from ipc.config import EngineConfig
 
 logger = logging.getLogger("fanin.launcher")

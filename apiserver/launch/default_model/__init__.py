@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from apiserver.default_model.cache import default_model_dir, ensure_default_model
-from apiserver.default_model.checks import ModelDirError, check_model_dir
+from apiserver.launch.default_model.cache import default_model_dir, ensure_default_model
+from apiserver.launch.default_model.checks import ModelDirError, check_model_dir
 
 __all__ = [
     "ModelDirError",
@@ -20,7 +20,7 @@ def __getattr__(name: str) -> Any:
     # Building needs torch and transformers (seconds to import); serving a model that is
     # already built does not, so the launcher never pays for them.
     if name == "build_model":
-        from apiserver.default_model.build import build_model
+        from apiserver.launch.default_model.build import build_model
 
         return build_model
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,9 +20,9 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from apiserver.default_model.chat_template import CHAT_TEMPLATE
-from apiserver.default_model.manifest import MANIFEST_NAME, write_manifest
-from apiserver.default_model.tokenizer import (
+from apiserver.launch.default_model.chat_template import CHAT_TEMPLATE
+from apiserver.launch.default_model.manifest import MANIFEST_NAME, write_manifest
+from apiserver.launch.default_model.tokenizer import (
     ENDOFTEXT,
     IM_END,
     IMAGE_PAD,

@@ -21,13 +21,13 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
-from apiserver.default_model import (
+from apiserver.launch.default_model import (
     ModelDirError,
     check_model_dir,
     ensure_default_model,
 )
-from apiserver.default_model import default_model_dir as cached_model_dir
-from apiserver.default_model.manifest import MANIFEST_NAME, manifest_problem
+from apiserver.launch.default_model import default_model_dir as cached_model_dir
+from apiserver.launch.default_model.manifest import MANIFEST_NAME, manifest_problem
 
 IMAGE_PART = "<|vision_start|><|image_pad|><|vision_end|>"
 
@@ -265,7 +265,7 @@ def test_ensure_waits_for_a_build_in_progress(
         except BaseException as e:  # surfaced by the assert below
             results.append(e)
 
-    caplog.set_level(logging.INFO, logger="apiserver.default_model.cache")
+    caplog.set_level(logging.INFO, logger="apiserver.launch.default_model.cache")
     with lock_path.open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         waiter = threading.Thread(target=ensure)
@@ -304,7 +304,7 @@ def test_cache_location_follows_xdg_then_home(
 
 
 def test_build_refuses_to_replace_a_foreign_folder(tmp_path: Path) -> None:
-    from apiserver.default_model import build_model
+    from apiserver.launch.default_model import build_model
 
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not an empty folder"):

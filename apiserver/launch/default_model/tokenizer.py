@@ -12,7 +12,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from apiserver.default_model.chat_template import CHAT_TEMPLATE
+from apiserver.launch.default_model.chat_template import CHAT_TEMPLATE
 
 VOCAB_SIZE = 8192
 CORPUS_BYTES = 4 << 20

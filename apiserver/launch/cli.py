@@ -207,7 +207,7 @@ def _name_flag(message: str) -> str:
 def resolve_model(model: str | None) -> Path:
     """The model directory to serve: the built default model, or a checked user directory.
     Raises ``ModelDirError`` (a ``ValueError``) with a message naming the bad file."""
-    from apiserver import default_model  # heavy (transformers): only for `serve`
+    from apiserver.launch import default_model
 
     if model is None:
         return default_model.ensure_default_model()
@@ -234,8 +234,8 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         level=server.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from apiserver.launcher import Launcher
-    from apiserver.listener import LaunchError, bind_listener, remove_uds
+    from apiserver.launch.launcher import Launcher
+    from apiserver.launch.listener import LaunchError, bind_listener, remove_uds
 
     name_process("fanin-launcher")
     try:
@@ -256,7 +256,7 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 def _build_model(args: argparse.Namespace) -> int:
-    from apiserver.default_model import build_model
+    from apiserver.launch.default_model import build_model
 
     try:
         path = build_model(Path(args.dir))

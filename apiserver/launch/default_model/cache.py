@@ -8,7 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
-from apiserver.default_model.manifest import manifest_problem
+from apiserver.launch.default_model.manifest import manifest_problem
 
 # Bump when the built model changes, so old caches are left alone instead of being reused.
 DEFAULT_MODEL_NAME = "default-v1"
@@ -46,7 +46,7 @@ def ensure_default_model() -> Path:
             # Builds a killed process left behind; nobody else builds here while we hold the lock.
             for stale in model_dir.parent.glob(f".{model_dir.name}.*"):
                 shutil.rmtree(stale, ignore_errors=True)
-            from apiserver.default_model.build import build_model  # torch, transformers
+            from apiserver.launch.default_model.build import build_model  # torch, transformers
 
             build_model(model_dir, overwrite=True)
     return model_dir

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from apiserver.run_dir import (
+from apiserver.launch.run_dir import (
     LOCK_NAME,
     RunDir,
     engine_address,
@@ -22,7 +22,7 @@ from apiserver.run_dir import (
 )
 
 # Makes a run dir, prints its path, then holds it until stdin closes; never calls remove().
-HOLDER = "from apiserver.run_dir import RunDir; print(RunDir().path, flush=True); input()"
+HOLDER = "from apiserver.launch.run_dir import RunDir; print(RunDir().path, flush=True); input()"
 
 
 def _holder(parent: Path) -> tuple[subprocess.Popen[str], Path]:
