@@ -16,7 +16,7 @@ import os
 import time
 
 #: int64 fields of a row; the rest of its 8 slots is padding.
-STATE, CONNECTIONS, HEARTBEAT_NS, PENDING = 0, 1, 2, 3
+STATE, CONNECTIONS, HEARTBEAT_NS, PENDING, LAST_ACCEPT_NS = 0, 1, 2, 3, 4
 ROW_FIELDS = 8
 ROW_BYTES = ROW_FIELDS * 8
 
@@ -42,6 +42,7 @@ class LoadTable:
         self._connections = self._cells[CONNECTIONS::ROW_FIELDS]
         self._heartbeats = self._cells[HEARTBEAT_NS::ROW_FIELDS]
         self._pending = self._cells[PENDING::ROW_FIELDS]
+        self._last_accepts = self._cells[LAST_ACCEPT_NS::ROW_FIELDS]
         #: SERVING rows whose heartbeat was stale at the last ``find_stuck``.
         self._stuck: frozenset[int] = frozenset()
 
@@ -79,7 +80,8 @@ class LoadTable:
         return table
 
     def close(self) -> None:
-        for view in (self._states, self._connections, self._heartbeats, self._pending, self._cells):
+        views = (self._states, self._connections, self._heartbeats, self._pending)
+        for view in (*views, self._last_accepts, self._cells):
             view.release()
         self._mapping.close()
 
@@ -89,12 +91,17 @@ class LoadTable:
         self._set(index, CONNECTIONS, NOT_SERVING)
         self._set(index, HEARTBEAT_NS, 0)
         self._set(index, PENDING, 0)
+        self._set(index, LAST_ACCEPT_NS, 0)
 
     def publish(self, index: int, state: int, connections: int) -> None:
         """Row ``index``'s state and connection count, with a fresh heartbeat."""
         self._set(index, HEARTBEAT_NS, time.monotonic_ns())
         self._set(index, CONNECTIONS, connections if state == SERVING else NOT_SERVING)
         self._set(index, STATE, state)
+
+    def publish_accept(self, index: int, at_ns: int) -> None:
+        """When row ``index``'s server last accepted a connection."""
+        self._set(index, LAST_ACCEPT_NS, at_ns)
 
     def beat(self, index: int) -> None:
         self._set(index, HEARTBEAT_NS, time.monotonic_ns())
@@ -118,6 +125,13 @@ class LoadTable:
             return int(min(self._connections))
         live = (c for i, c in enumerate(self._connections) if i not in self._stuck)
         return int(min(live, default=NOT_SERVING))
+
+    def oldest_accept(self, connections: int) -> int:
+        """The least recent last accept among the live SERVING rows holding ``connections``
+        (the spread's tie-break; called per accept, not per request)."""
+        rows = zip(self._connections.tolist(), self._last_accepts.tolist(), strict=True)
+        tied = (a for i, (c, a) in enumerate(rows) if c == connections and i not in self._stuck)
+        return int(min(tied, default=0))
 
     def find_stuck(self) -> None:
         """Note which SERVING rows stopped beating (each server calls it with its own beat,

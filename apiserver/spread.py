@@ -8,7 +8,10 @@ every other's, decided from the shared ``LoadTable`` in about a microsecond per 
 
 1. A server accepts only while it holds no more connections than the least loaded live
    server (``Balancer.may_accept``; ``apiserver.acceptor`` stops reading the socket
-   otherwise), so new connections go to the least loaded.
+   otherwise), so new connections go to the least loaded. Among servers level with the least
+   loaded, the one whose last accept is the oldest takes it: else the server that just closed
+   a connection, awake and on a core, wins every race, and one client's sequential fresh
+   connections all land on it.
 2. A server holding two or more connections above the least loaded one answers its next
    response with ``Connection: close`` (``should_shed``): the client reconnects, and rule 1
    sends it elsewhere. The HTTP contract makes this safe: the client reads the whole response,
@@ -28,7 +31,9 @@ host (a flood of idle connections, say) and is refused, so established clients k
 
 Why connections and not in-flight requests: connections are what moves (a request cannot
 change servers), closed-loop and keep-alive clients keep about one request in flight per
-connection, and a count that changes only on connect and close does not flap.
+connection, and a count that changes only on connect and close does not flap. The price: an
+idle keep-alive connection counts until it closes (``--keep-alive-timeout``), so with a few
+clients a server holding one idle connection takes no new ones meanwhile.
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ class Balancer:
         self._closing = 0
         #: Since when this server has been one connection above the least loaded (rule 3).
         self._one_above_since: float | None = None
+        self._last_accept_ns = 0
         #: Called when this server's connection count falls (the acceptor resumes reading).
         self.on_release: Callable[[], None] = _nothing
         table.publish(index, STARTING, 0)
@@ -88,11 +94,19 @@ class Balancer:
         self.table.find_stuck()
 
     def may_accept(self) -> bool:
-        """Rule 1: serving, and no more connections than the least loaded live server."""
-        return self.state == SERVING and self.connections <= self.table.least_connections()
+        """Rule 1: serving, and no more connections than the least loaded live server; when
+        level with it, the oldest last accept among those level."""
+        if self.state != SERVING:
+            return False
+        least = self.table.least_connections()
+        if self.connections != least:
+            return self.connections < least
+        return self._last_accept_ns <= self.table.oldest_accept(least)
 
     def connection_opened(self) -> None:
         self.connections += 1
+        self._last_accept_ns = time.monotonic_ns()
+        self.table.publish_accept(self.index, self._last_accept_ns)
         self._publish()
 
     def connection_closed(self) -> None:

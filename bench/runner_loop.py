@@ -17,6 +17,7 @@ from engine_core.core import EngineCore
 from engine_core.io_thread import Inbound, InboxEvent
 from engine_core.model.runner import ModelRunner
 from engine_core.sampler import Sampler
+from engine_core.validation import validate_request
 from ipc import messages
 from ipc.config import EngineConfig
 from ipc.messages import EngineRequest, SamplingParams
@@ -36,9 +37,10 @@ def prefill(runner: ModelRunner, requests: list[EngineRequest], budget: int) -> 
     """Prefill every request into slots 0..len-1 in steps of at most ``budget`` tokens; returns
     the last-token logits, (len(requests), vocab)."""
     for r in requests:
-        error = runner.check_request(r)
+        error = validate_request(r, runner.facts, runner.has_image)
         if error:
             raise ValueError(error)
+        runner.admit(r)
     done = [0] * len(requests)
     last: dict[int, torch.Tensor] = {}
     while any(d < len(r.prompt_token_ids) for d, r in zip(done, requests, strict=True)):

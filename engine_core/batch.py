@@ -75,9 +75,22 @@ class RunnerFacts:
     vocab_size: int
     eos_token_ids: tuple[int, ...]
     num_slots: int  # KV slots, each holding max_model_len tokens
+    #: Sequences that may run at once: ``--max-num-seqs``, at most one per KV slot.
+    max_num_seqs: int
     supports_images: bool
     supports_embeddings: bool
     supports_generation: bool
+    #: The poolings embeddings requests may ask for (empty without embeddings).
+    poolings: tuple[str, ...]
     image_token_id: int | None
-    #: ``Ready.pixel_dtype``: how API servers send image pixels.
+    #: ``Ready.pixel_dtype``: how API servers send image pixels ("uint8": the engine
+    #: normalizes them itself).
     pixel_dtype: str = "float32"
+    #: The vision tower's spatial merge (placeholders per image: patches / merge**2) and the
+    #: length of one flattened patch; 1 and 0 without a tower.
+    image_merge: int = 1
+    image_patch_dim: int = 0
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.num_slots * self.max_model_len

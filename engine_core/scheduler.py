@@ -22,8 +22,9 @@ the device is fed from there (``Chunk.feeds_sampled``). ``update`` resolves a st
 request that finished or was aborted meanwhile has its late results dropped. Preemption folds
 known tokens into the prompt, so it waits until nothing is in flight (``needs_sync``).
 
-Pure Python over ``Sequence`` records: the runner is only asked to validate (``check_request``)
-and to forget (``release``) requests, so the scheduler is testable without a model.
+Pure Python over ``Sequence`` records: the runner is only asked to take (``admit``) and to
+forget (``release``) requests and whether an image is cached, so the scheduler is testable
+without a model.
 """
 
 from __future__ import annotations
@@ -50,9 +51,11 @@ logger = logging.getLogger(__name__)
 
 
 class RequestGate(Protocol):
-    """The two runner calls the scheduler needs (``ModelRunner`` provides both)."""
+    """The runner calls the scheduler needs (``ModelRunner`` provides them)."""
 
-    def check_request(self, request: EngineRequest) -> str | None: ...
+    def admit(self, request: EngineRequest) -> None: ...
+
+    def has_image(self, content_hash: str) -> bool: ...
 
     def release(self, request_id: str) -> None: ...
 
@@ -83,7 +86,7 @@ class Scheduler:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.facts = facts
-        self.max_num_seqs = min(config.max_num_seqs, facts.num_slots)
+        self.max_num_seqs = facts.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.max_num_encoder_patches = config.max_num_encoder_patches
         self.enable_chunked_prefill = config.enable_chunked_prefill
@@ -101,12 +104,9 @@ class Scheduler:
 
     def add(self, request: EngineRequest, client: bytes) -> bool:
         """Admit a request, or answer it at once with a 400 error output. True if admitted."""
-        message = validate_request(request, self.facts, self.allow_priority)
-        if message is None and request.request_id in self._live:
-            message = f"request id {request.request_id!r} is already running"
-        if message is None:
-            message = encoder_budget_error(request, self.max_num_encoder_patches)
-        if message is None:
+        if request.request_id in self._live:
+            message: str | None = f"request id {request.request_id!r} is already running"
+        else:
             message = self._check(request)
         if message is not None:
             self._emit(
@@ -252,17 +252,24 @@ class Scheduler:
             "num_waiting": len(self.waiting),
             "num_slots": self.facts.num_slots,
             "num_free_slots": len(self._free_slots),
-            "kv_capacity_tokens": self.facts.num_slots * self.facts.max_model_len,
+            "kv_capacity_tokens": self.facts.kv_capacity_tokens,
             "kv_used_tokens": sum(s.num_computed for s in self.running),
             "num_preemptions": self.num_preemptions,
         }
 
     def _check(self, request: EngineRequest) -> str | None:
+        """Validate ``request`` and have the runner take it; the 400 message if either fails."""
+        message = validate_request(
+            request, self.facts, self._gate.has_image, self.allow_priority
+        ) or encoder_budget_error(request, self.max_num_encoder_patches)
+        if message is not None:
+            return message
         try:
-            return self._gate.check_request(request)
+            self._gate.admit(request)
         except Exception as exc:  # a request the runner chokes on fails alone
-            logger.exception("check_request failed for %s", request.request_id)
+            logger.exception("admitting %s failed", request.request_id)
             return f"invalid request: {exc}"
+        return None
 
     def _has_free_slot(self) -> bool:
         return bool(self._free_slots) and len(self.running) < self.max_num_seqs

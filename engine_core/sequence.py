@@ -65,7 +65,7 @@ class Sequence:
         self.num_tokens = self.num_prompt_tokens
         self.num_computed = 0
         self.num_preemptions = 0
-        #: True after a preemption until ``check_request`` accepted the request again
+        #: True after a preemption until the scheduler validated and admitted the request again
         self.needs_check = False
         self.num_inflight = 0
         #: (offset, length, patches) of each image, in prompt order

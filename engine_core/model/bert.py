@@ -14,7 +14,6 @@ import torch
 from transformers import AutoModel
 
 from engine_core.batch import Chunk, ImageRef, RunnerFacts, StepResult
-from engine_core.model import checks
 from engine_core.model.errors import ModelLoadError
 from engine_core.model.runner import ModelRunner
 from engine_core.model.spec import ModelSpec
@@ -47,18 +46,19 @@ class EncoderRunner(ModelRunner):
             vocab_size=self.vocab_size,
             eos_token_ids=(),
             num_slots=config.max_num_seqs,
+            max_num_seqs=config.max_num_seqs,
             supports_images=False,
             supports_embeddings=True,
             supports_generation=False,
+            poolings=_POOLINGS,
             image_token_id=None,
         )
 
-    def check_request(self, request: EngineRequest) -> str | None:
-        return (
-            checks.check_kind(request, False, True, _POOLINGS)
-            or checks.check_tokens(request, self.vocab_size, self.facts.max_model_len)
-            or checks.check_images(request, None, 1, 0, ())
-        )
+    def admit(self, request: EngineRequest) -> None:
+        """Nothing is kept per request."""
+
+    def has_image(self, content_hash: str) -> bool:
+        return False
 
     @torch.no_grad()
     def execute(

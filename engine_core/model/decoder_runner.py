@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from engine_core.batch import Chunk, ImageRef, RunnerFacts, StepResult
-from engine_core.model import checks, step_inputs
+from engine_core.model import step_inputs
 from engine_core.model.attention import build_meta, can_use_flash
 from engine_core.model.cuda_graphs import capture_decode_graphs
 from engine_core.model.encoder_cache import EncoderCache
@@ -70,6 +70,7 @@ class DecoderRunner(ModelRunner):
             else cuda_kv_budget(self, config, is_fast)
         )
         num_slots = count_slots(budget, config.max_num_seqs, self.max_model_len, per_token)
+        max_num_seqs = min(num_slots, config.max_num_seqs)
         self.kv = allocate(self.spec, num_slots, self.max_model_len, dtype, device)
         #: the id last sampled for each slot: the next step's decodes read it on the device
         self.last_tokens = torch.zeros(num_slots, dtype=torch.int64, device=device)
@@ -81,7 +82,7 @@ class DecoderRunner(ModelRunner):
                 self.kv,
                 self.last_tokens,
                 self.max_model_len,
-                min(num_slots, config.max_num_seqs),
+                max_num_seqs,
                 dtype,
             )
         self.facts = RunnerFacts(
@@ -90,11 +91,15 @@ class DecoderRunner(ModelRunner):
             vocab_size=self.spec.vocab_size,
             eos_token_ids=self.spec.eos_token_ids,
             num_slots=num_slots,
+            max_num_seqs=max_num_seqs,
             supports_images=self.vision is not None,
             supports_embeddings=True,
             supports_generation=True,
+            poolings=_POOLINGS,
             image_token_id=self.spec.image_token_id,
             pixel_dtype=self.vision.pixel_input.wire_dtype if self.vision else "float32",
+            image_merge=self.vision.merge_size if self.vision else 1,
+            image_patch_dim=self.vision.patch_dim if self.vision else 0,
         )
 
     def _use_graphs(self, config: EngineConfig) -> bool:
@@ -137,20 +142,11 @@ class DecoderRunner(ModelRunner):
             vision.load_weights([t for t in tensors if t.key.startswith("visual.")], model_dir)
         return decoder.eval(), vision
 
-    def check_request(self, request: EngineRequest) -> str | None:
-        merge = self.vision.merge_size if self.vision else 1
-        patch_dim = self.vision.patch_dim if self.vision else 0
-        uint8 = self.vision is not None and self.vision.pixel_input.accepts_uint8
-        error = (
-            checks.check_kind(request, True, True, _POOLINGS)
-            or checks.check_tokens(request, self.spec.vocab_size, self.max_model_len)
-            or checks.check_images(
-                request, self.spec.image_token_id, merge, patch_dim, self.encoder_cache, uint8
-            )
-        )
-        if error is None:
-            self._new_state(request)
-        return error
+    def admit(self, request: EngineRequest) -> None:
+        self._new_state(request)
+
+    def has_image(self, content_hash: str) -> bool:
+        return content_hash in self.encoder_cache
 
     def _new_state(self, request: EngineRequest) -> RequestState:
         self.release(request.request_id)

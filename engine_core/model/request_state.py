@@ -1,6 +1,6 @@
 """Per-request model state of the decoder runner: M-RoPE positions and image embeddings.
 
-Taken at ``check_request`` and kept until ``release``. An image's embeddings come from the
+Taken at ``admit`` and kept until ``release``. An image's embeddings come from the
 encoder cache (pinned for the request until it is released) or from the step that encodes it
 (``image_step``), always before a chunk touches its placeholders.
 """

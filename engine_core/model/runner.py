@@ -27,9 +27,13 @@ class ModelRunner(ABC):
     device: torch.device
 
     @abstractmethod
-    def check_request(self, request: EngineRequest) -> str | None:
-        """None if the engine can run ``request`` (and its per-request state is taken), else
-        the error message for the client (HTTP 400)."""
+    def admit(self, request: EngineRequest) -> None:
+        """Take the per-request state of a request ``engine_core.validation`` accepted (again
+        after a preemption); an exception fails that request alone."""
+
+    @abstractmethod
+    def has_image(self, content_hash: str) -> bool:
+        """Whether this image's encoder output is cached (a request may send its hash alone)."""
 
     @abstractmethod
     def execute(

@@ -105,14 +105,19 @@ def test_a_stuck_server_is_left_out_of_the_least_loaded(tmp_path: Path) -> None:
     assert a.may_accept() and not b.may_accept()
 
 
-def test_only_the_least_loaded_accept(tmp_path: Path) -> None:
+def test_only_the_least_loaded_accept_and_ties_go_to_the_oldest_accept(tmp_path: Path) -> None:
     _, (a, b, c) = _servers(tmp_path / "t", 3)
-    assert a.may_accept() and b.may_accept() and c.may_accept()  # all at 0
+    assert a.may_accept() and b.may_accept() and c.may_accept()  # all at 0, none accepted yet
     _connect(a, 1)
     assert not a.may_accept() and b.may_accept() and c.may_accept()
     _connect(b, 1)
     _connect(c, 1)
-    assert a.may_accept() and b.may_accept() and c.may_accept()
+    # Level again: the server whose last accept is the oldest takes the next connection.
+    assert a.may_accept() and not b.may_accept() and not c.may_accept()
+    a.connection_closed()  # one client's sequential fresh connections: a is least loaded
+    assert a.may_accept() and not b.may_accept()
+    _connect(a, 1)  # a accepted last: of the three level, b's last accept is now the oldest
+    assert b.may_accept() and not a.may_accept() and not c.may_accept()
     c.start_draining()  # a draining server neither accepts nor counts as least loaded
     assert not c.may_accept()
     _connect(a, 1)

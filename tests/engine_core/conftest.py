@@ -99,3 +99,14 @@ def encode(processor: Any) -> Callable[..., Any]:
         return processor(text=[prompt], images=images or None, return_tensors="pt")
 
     return run
+
+
+def admit(runner: Any, request: EngineRequest, allow_priority: bool = False) -> str | None:
+    """What the scheduler does with a new request, for tests that drive a runner directly:
+    the engine's one validation, then the runner takes it. The 400 message, or None."""
+    from engine_core.validation import validate_request
+
+    error = validate_request(request, runner.facts, runner.has_image, allow_priority)
+    if error is None:
+        runner.admit(request)
+    return error

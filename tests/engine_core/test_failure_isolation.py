@@ -15,7 +15,7 @@ import pytest
 import skimage.data
 import torch
 import zmq
-from conftest import image_request
+from conftest import admit, image_request
 from dealer import Client
 from PIL import Image
 from test_core_io import Engine
@@ -76,11 +76,11 @@ def test_runner_fails_only_the_request_of_the_failing_image(
     requests = list(photo_requests.values())
     clean = make_runner()
     for r in requests:
-        assert clean.check_request(r) is None
+        assert admit(clean, r) is None
     expected = _prefill(clean, requests).logits
     runner = make_runner()
     for r in requests:
-        assert runner.check_request(r) is None
+        assert admit(runner, r) is None
     injected = Injected(runner, photo_requests["rocket"].mm_items[0].grid_thw, error)
     result = _prefill(runner, requests)
     assert injected.calls == [3, 1, 1, 1]  # all three in one call, then each alone

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import admit
 
 from engine_core.batch import Chunk
 from ipc.messages import EngineRequest, PoolingParams, SamplingParams
@@ -46,7 +47,7 @@ def test_paraphrases_are_closer_than_unrelated(
         for i, s in enumerate(sentences)
     ]
     for r in requests:
-        assert runner.check_request(r) is None
+        assert admit(runner, r) is None
     # one padded batch of different lengths
     result = runner.execute(
         [Chunk(r, i, 0, r.prompt_token_ids, False, True) for i, r in enumerate(requests)]
@@ -61,5 +62,5 @@ def test_paraphrases_are_closer_than_unrelated(
     generate = EngineRequest(
         request_id="g", prompt_token_ids=requests[0].prompt_token_ids, sampling=SamplingParams()
     )
-    error = runner.check_request(generate)
+    error = admit(runner, generate)
     assert error is not None and "cannot generate" in error

@@ -1,8 +1,10 @@
-"""check_request rejects every bad request with a message; the encoder cache serves repeated
-images without pixels and evicts by its byte budget; pooled hidden states match HF's."""
+"""The engine's validation (``engine_core.validation``) rejects every bad request with a
+message; the encoder cache serves repeated images without pixels and evicts by its byte
+budget; pooled hidden states match HF's."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,11 +14,12 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
-from conftest import image_request
+from conftest import admit, image_request
 from PIL import Image
 
 from engine_core.batch import Chunk
 from engine_core.model.encoder_cache import EncoderCache
+from engine_core.validation import validate_request
 from ipc.messages import EngineRequest, PoolingParams, SamplingParams
 
 
@@ -50,7 +53,7 @@ def _text(ids: Any, **kw: Any) -> EngineRequest:
 def test_token_checks(runner: Any) -> None:
     vocab = runner.facts.vocab_size
     ok = np.arange(10, dtype=np.int32)
-    assert runner.check_request(_text(ok)) is None
+    assert admit(runner, _text(ok)) is None
     cases = {
         "outside the vocabulary": _text(np.array([1, vocab], dtype=np.int32)),
         "outside the vocabulary ": _text(np.array([-1, 3], dtype=np.int32)),
@@ -63,12 +66,12 @@ def test_token_checks(runner: Any) -> None:
         "pooling 'cls'": _text(ok, sampling=None, pooling=PoolingParams(pooling="cls")),
     }
     for needle, request in cases.items():
-        error = runner.check_request(request)
+        error = admit(runner, request)
         assert error is not None and needle.strip() in error, (needle, error)
 
 
 def test_image_checks(runner: Any, coffee: EngineRequest) -> None:
-    assert runner.check_request(coffee) is None
+    assert admit(runner, coffee) is None
     item = coffee.mm_items[0]
     ids = coffee.prompt_token_ids
     t, h, w = item.grid_thw
@@ -85,7 +88,7 @@ def test_image_checks(runner: Any, coffee: EngineRequest) -> None:
         "overlap": _with(coffee, mm_items=[item, item]),
     }
     for needle, request in cases.items():
-        error = runner.check_request(request)
+        error = admit(runner, request)
         assert error is not None and needle in error, (needle, error)
 
 
@@ -104,7 +107,7 @@ def test_images_to_a_text_only_model(
             num_key_value_heads=1,
         )
     ).save_pretrained(tmp_path / "q")
-    error = make_runner(tmp_path / "q").check_request(coffee)
+    error = admit(make_runner(tmp_path / "q"), coffee)
     assert error is not None and "does not accept images" in error
 
 
@@ -117,11 +120,11 @@ def test_cached_image_needs_no_pixels(runner: Any, coffee: EngineRequest) -> Non
     calls = []
     encode = runner.vision.encode
     runner.vision.encode = lambda *a: calls.append(1) or encode(*a)
-    assert runner.check_request(coffee) is None
+    assert admit(runner, coffee) is None
     first = _prefill_logits(runner, coffee)
     runner.release(coffee.request_id)
     again = _with(_item(coffee, pixel_values=None), request_id="again")
-    assert runner.check_request(again) is None
+    assert admit(runner, again) is None
     assert torch.equal(_prefill_logits(runner, again), first)
     assert len(calls) == 1
     runner.reset_encoder_cache()  # "again" still holds its entry: it survives the reset
@@ -129,7 +132,7 @@ def test_cached_image_needs_no_pixels(runner: Any, coffee: EngineRequest) -> Non
     runner.release("again")
     runner.reset_encoder_cache()
     assert (
-        runner.check_request(_with(again, request_id="late"))
+        admit(runner, _with(again, request_id="late"))
         == "unknown image hash 'coffee' (send the pixels)"
     )
 
@@ -142,11 +145,11 @@ def test_encoder_cache_evicts_by_budget(
     runner = make_runner(encoder_cache_bytes=one_image)
     for name in ("a", "b"):
         request = _with(_item(coffee, content_hash=name), request_id=name)
-        assert runner.check_request(request) is None
+        assert admit(runner, request) is None
         _prefill_logits(runner, request)
         runner.release(name)
     assert "b" in runner.encoder_cache and "a" not in runner.encoder_cache
-    error = runner.check_request(_with(_item(coffee, content_hash="a", pixel_values=None)))
+    error = admit(runner, _with(_item(coffee, content_hash="a", pixel_values=None)))
     assert error is not None and "unknown image hash" in error
 
 
@@ -167,7 +170,7 @@ def test_pooled_hidden_states_match_hf(
     runner: Any, hf_model: Any, coffee: EngineRequest, pooling: str
 ) -> None:
     request = _with(coffee, request_id="p", sampling=None, pooling=PoolingParams(pooling=pooling))
-    assert runner.check_request(request) is None
+    assert admit(runner, request) is None
     ids = request.prompt_token_ids
     result = runner.execute([Chunk(request, 0, 0, ids, False, wants_pooled=True)])
     assert result.logits.shape[0] == 0
@@ -188,11 +191,11 @@ def test_pooled_hidden_states_match_hf(
 def test_state_is_rebuilt_after_a_release(
     make_runner: Callable[..., Any], coffee: EngineRequest
 ) -> None:
-    """A preempted request is released and prefilled again without a new check_request: its
+    """A preempted request is released and prefilled again without being admitted again: its
     state comes back from the request (pixels, or a still-cached encoder output); without
     either, that request alone fails."""
     runner = make_runner(encoder_cache_bytes=0)
-    assert runner.check_request(coffee) is None
+    assert admit(runner, coffee) is None
     first = _prefill_logits(runner, coffee)
     runner.release(coffee.request_id)
     assert torch.equal(_prefill_logits(runner, coffee), first)  # pixels still in the request
@@ -205,11 +208,15 @@ def test_state_is_rebuilt_after_a_release(
     assert error.status == 503 and "evicted" in error.message
 
 
-def test_kind_checks_for_models_without_embeddings_or_generation() -> None:
-    from engine_core.model.checks import check_kind
-
+def test_kind_checks_for_models_without_embeddings_or_generation(runner: Any) -> None:
     ids = np.arange(4, dtype=np.int32)
     pooling = EngineRequest("e", ids, pooling=PoolingParams(pooling="mean"))
-    assert check_kind(pooling, True, True, ("mean",)) is None
-    assert "does not support embeddings" in (check_kind(pooling, True, False, ("mean",)) or "")
-    assert "cannot generate" in (check_kind(_text(ids), False, True, ("mean",)) or "")
+
+    def check(request: EngineRequest, **facts: Any) -> str:
+        changed = dataclasses.replace(runner.facts, **facts)
+        return validate_request(request, changed, runner.has_image) or ""
+
+    assert check(pooling) == ""
+    assert "does not support embeddings" in check(pooling, supports_embeddings=False)
+    assert "cannot generate" in check(_text(ids), supports_generation=False)
+    assert "not supported by this model" in check(pooling, poolings=("cls",))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
-from conftest import image_request
+from conftest import admit, image_request
 from PIL import Image
 
 from bench.datasets import sharegpt_prompts
@@ -38,7 +38,7 @@ def run_greedy(
     running request at most ``chunk_size`` prompt tokens or one decode token, all in one
     execute call. EOS ids are masked, like HF's min_new_tokens."""
     for r in requests:
-        assert runner.check_request(r) is None
+        assert admit(runner, r) is None
     eos = list(runner.facts.eos_token_ids)
     done = [0] * len(requests)  # tokens already in the KV cache
     out: list[list[int]] = [[] for _ in requests]

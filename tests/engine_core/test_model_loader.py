@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import admit
 from safetensors.torch import load_file, save_file
 
 from engine_core.batch import Chunk
@@ -30,7 +31,7 @@ def _request(ids: np.ndarray = PROMPT) -> EngineRequest:
 def prompt_logits(runner: Any, ids: np.ndarray = PROMPT) -> torch.Tensor:
     """Logits of the last prompt token, in one chunk."""
     request = _request(ids)
-    assert runner.check_request(request) is None
+    assert admit(runner, request) is None
     logits = runner.execute([Chunk(request, 0, 0, ids, True)]).logits[0]
     runner.release("x")
     return logits
@@ -140,7 +141,7 @@ def test_text_only_checkpoints_match_hf_greedy(
     runner = make_runner(tmp_path / arch, max_model_len=256)
     assert not runner.facts.supports_images
     request = _request()
-    assert runner.check_request(request) is None
+    assert admit(runner, request) is None
     ids, tokens = PROMPT, []
     for _ in range(12):
         start = PROMPT.size + len(tokens) - ids.size
@@ -285,7 +286,7 @@ def test_qwen2_5_vl_checkpoint_matches_hf_greedy(
     )
     runner = make_runner(tmp_path / "vl25", max_model_len=256)
     assert runner.facts.supports_images and runner.facts.image_token_id == image_id
-    assert runner.check_request(request) is None
+    assert admit(runner, request) is None
     chunk, tokens, start = np.array(ids, dtype=np.int32), [], 0
     for _ in range(8):
         logits = runner.execute([Chunk(request, 0, start, chunk, True)]).logits

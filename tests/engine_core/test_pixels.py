@@ -16,7 +16,7 @@ import msgspec
 import pytest
 import skimage.data
 import torch
-from conftest import image_request
+from conftest import admit, image_request
 from PIL import Image
 from transformers import AutoConfig, AutoImageProcessor
 
@@ -153,9 +153,9 @@ def test_uint8_is_accepted_only_where_the_engine_normalizes(
     raw = processor.image_processor(images=[image], return_tensors="pt", **UINT8)
     as_uint8 = msgspec.structs.replace(item, pixel_values=raw["pixel_values"])
     uint8_request = msgspec.structs.replace(request, mm_items=[as_uint8])
-    assert make_runner().check_request(uint8_request) is None
-    error = make_runner(pixel_transfer="normalized").check_request(uint8_request)
+    assert admit(make_runner(), uint8_request) is None
+    error = admit(make_runner(pixel_transfer="normalized"), uint8_request)
     assert error == "pixel_values must be a floating-point tensor, not torch.uint8"
     as_int16 = msgspec.structs.replace(item, pixel_values=raw["pixel_values"].to(torch.int16))
-    error = make_runner().check_request(msgspec.structs.replace(request, mm_items=[as_int16]))
+    error = admit(make_runner(), msgspec.structs.replace(request, mm_items=[as_int16]))
     assert error == "pixel_values must be a uint8 or floating-point tensor, not torch.int16"

@@ -50,9 +50,11 @@ class FakeRunner:
             vocab_size=VOCAB,
             eos_token_ids=(eos,),
             num_slots=num_slots,
+            max_num_seqs=num_slots,
             supports_images=False,
             supports_embeddings=True,
             supports_generation=True,
+            poolings=("last",),
             image_token_id=None,
         )
         self.device = torch.device("cpu")
@@ -65,11 +67,15 @@ class FakeRunner:
         self.eos_after: dict[str, int] = {}  # request id -> make EOS the favourite at this length
         self.encoded: dict[str, set[int]] = {}  # request id -> its images encoded so far
         self.fail: dict[str, RequestError] = {}  # request id -> the error its work fails with
-        self.checks: list[str] = []  # request ids, one per check_request
+        self.checks: list[str] = []  # request ids, one per admit
 
-    def check_request(self, request: EngineRequest) -> str | None:
+    def admit(self, request: EngineRequest) -> None:
         self.checks.append(request.request_id)
-        return "fake says no" if request.request_id.startswith("reject") else None
+        if request.request_id.startswith("reject"):
+            raise ValueError("fake says no")
+
+    def has_image(self, content_hash: str) -> bool:
+        return False
 
     def release(self, request_id: str) -> None:
         self.released.append(request_id)
@@ -388,7 +394,7 @@ def test_bad_requests_get_400_outputs() -> None:
     for out in messages.values():
         assert out.finish_reason == "error" and out.error is not None and out.error.status == 400
     assert "60" in messages["toolong"].error.message and "64" in messages["toolong"].error.message
-    assert messages["reject-me"].error.message == "fake says no"
+    assert messages["reject-me"].error.message == "invalid request: fake says no"
     assert str(VOCAB) in messages["vocab"].error.message
     assert not h.scheduler.has_work()
 
