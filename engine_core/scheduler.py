@@ -50,6 +50,9 @@ from ipc.messages import EngineLoad, EngineRequest, RequestError, RequestOutput,
 logger = logging.getLogger(__name__)
 
 
+Validator = Callable[[EngineRequest, RunnerFacts, Callable[[str], bool], bool], "str | None"]
+
+
 class RequestGate(Protocol):
     """The runner calls the scheduler needs (``ModelRunner`` provides them)."""
 
@@ -84,8 +87,11 @@ class Scheduler:
         gate: RequestGate,
         emit: Callable[[bytes, RequestOutput], None],
         clock: Callable[[], float] = time.time,
+        validate: Validator = validate_request,
     ) -> None:
+        """``validate``: the engine's admission check (a stand-in runner's tests narrow it)."""
         self.facts = facts
+        self._validate = validate
         self.max_num_seqs = facts.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.max_num_encoder_patches = config.max_num_encoder_patches
@@ -259,7 +265,7 @@ class Scheduler:
 
     def _check(self, request: EngineRequest) -> str | None:
         """Validate ``request`` and have the runner take it; the 400 message if either fails."""
-        message = validate_request(
+        message = self._validate(
             request, self.facts, self._gate.has_image, self.allow_priority
         ) or encoder_budget_error(request, self.max_num_encoder_patches)
         if message is not None:

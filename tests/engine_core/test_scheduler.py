@@ -11,8 +11,9 @@ reports it (left out of the step, named in ``StepResult.failed``).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import msgspec
 import numpy as np
 import pytest
 import torch
@@ -21,6 +22,7 @@ from engine_core.batch import Chunk, ImageRef, RunnerFacts, StepResult, images_b
 from engine_core.pipeline import Pipeline
 from engine_core.sampler import Sampler
 from engine_core.scheduler import Scheduler
+from engine_core.validation import validate_request
 from ipc.config import EngineConfig
 from ipc.messages import (
     EngineRequest,
@@ -43,14 +45,16 @@ def next_token(prefix: np.ndarray) -> int:
 class FakeRunner:
     """A deterministic stand-in for ModelRunner that validates what the scheduler asks."""
 
-    def __init__(self, num_slots: int = 4, max_model_len: int = 256, eos: int = EOS) -> None:
+    def __init__(
+        self, num_slots: int = 4, max_model_len: int = 256, eos: int = EOS, max_num_seqs: int = 64
+    ) -> None:
         self.facts = RunnerFacts(
             model_name="fake",
             max_model_len=max_model_len,
             vocab_size=VOCAB,
             eos_token_ids=(eos,),
             num_slots=num_slots,
-            max_num_seqs=num_slots,
+            max_num_seqs=min(num_slots, max_num_seqs),
             supports_images=False,
             supports_embeddings=True,
             supports_generation=True,
@@ -151,19 +155,35 @@ def _request_ids(chunks: list[Chunk], encodes: Sequence[ImageRef]) -> set[str]:
     return {c.request.request_id for c in chunks} | {r.request.request_id for r in encodes}
 
 
+def _validate_all_but_images(
+    request: EngineRequest, facts: RunnerFacts, has_image: Callable[[str], bool], priority: bool
+) -> str | None:
+    """The engine's validation, images left out: these tests' prompts carry no placeholder
+    tokens (test_model_checks checks images against the real runner)."""
+    text = msgspec.structs.replace(request, mm_items=[])
+    return validate_request(text, facts, has_image, priority)
+
+
 class Harness:
     """Scheduler + fake runner + real sampler, driven step by step through the real pipeline
     (one step in flight: a step's tokens are resolved during the next ``step``)."""
 
     def __init__(self, clock: list[float] | None = None, **config: object) -> None:
         runner_args = {k: config.pop(k) for k in ("num_slots", "max_model_len") if k in config}
+        if "max_num_seqs" in config:  # the runner's facts hold the effective figure
+            runner_args["max_num_seqs"] = config["max_num_seqs"]
         self.runner = FakeRunner(**runner_args)  # type: ignore[arg-type]
         self.config = EngineConfig(model="fake", **config)  # type: ignore[arg-type]
         self.outputs: dict[str, list[RequestOutput]] = {}
         self.clients: dict[str, bytes] = {}
         self.clock = clock or [time.time()]
         self.scheduler = Scheduler(
-            self.config, self.runner.facts, self.runner, self._emit, lambda: self.clock[0]
+            self.config,
+            self.runner.facts,
+            self.runner,
+            self._emit,
+            lambda: self.clock[0],
+            _validate_all_but_images,
         )
         self.pipeline = Pipeline(self.scheduler, self.runner, Sampler(0, torch.device("cpu")))
 
