@@ -1,7 +1,9 @@
-"""The API servers' and launcher's configuration: built once by the CLI, frozen, handed to each
-API-server process as JSON. Each field's description is its ``--flag`` help text (the CLI is
-built from the fields of this struct and of ``ipc.config.EngineConfig``); fields whose help
-starts with "(internal)" are set by the launcher and get no flag.
+"""The API servers' and launcher's configuration: what a user sets, built once by the CLI,
+frozen, handed to each API-server process as JSON. Each field's description is its ``--flag``
+help text (the CLI is built from the fields of this struct and of ``ipc.config.EngineConfig``,
+each setting in one of them). The wiring of one run (the engine's address, the metrics
+directory, inherited fds) is not configuration: the launcher passes it on each server's
+command line.
 """
 
 from __future__ import annotations
@@ -162,7 +164,3 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         ),
     ] = 5.0
     log_level: Annotated[str, Meta(description="debug, info, warning or error")] = "info"
-    engine_address: Annotated[str, Meta(description="(internal) engine ZeroMQ address")] = ""
-    metrics_dir: Annotated[
-        str, Meta(description="(internal) Prometheus multiprocess directory")
-    ] = ""

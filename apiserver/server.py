@@ -1,9 +1,10 @@
 """Process entry of one API server:
 
-``python -m apiserver.server --config PATH --index I --listen-fd FD [--load-table PATH]
-[--ready-fd FD] [--parent-pid PID]``
+``python -m apiserver.server --config PATH --index I --listen-fd FD --engine-address ADDR
+[--metrics-dir DIR] [--load-table PATH] [--ready-fd FD] [--parent-pid PID]``
 
-Reads the ServerConfig JSON, sizes its threads to its share of the cores (before torch is
+``--config`` holds the user's settings (ServerConfig JSON); the rest is the launcher's wiring.
+Reads the config, sizes its threads to its share of the cores (before torch is
 imported: ``apiserver.cpu_budget``), connects to the engine (HELLO/READY), loads the model's
 tokenizer and processor, then serves the inherited listening socket with uvicorn (uvloop +
 httptools behind ``apiserver.http_guard``), accepting through ``apiserver.acceptor`` so that
@@ -66,6 +67,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", required=True, help="ServerConfig JSON file")
     p.add_argument("--index", type=int, required=True, help="this server's client index")
     p.add_argument("--listen-fd", type=int, required=True, help="inherited listening socket")
+    p.add_argument("--engine-address", required=True, help="the engine's ZeroMQ address")
+    p.add_argument("--metrics-dir", help="Prometheus multiprocess directory of all servers")
     p.add_argument("--load-table", help="the launcher's load table (see apiserver.load_table)")
     p.add_argument("--ready-fd", type=int, help="write one byte here once serving")
     p.add_argument("--parent-pid", type=int, help="exit when this process dies")
@@ -83,11 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, msgspec.DecodeError) as exc:
         print(f"apiserver: bad --config {args.config}: {exc}", file=sys.stderr)
         return 2
-    if config.api_key is None and os.environ.get("FANIN_API_KEY"):
-        config = msgspec.structs.replace(config, api_key=os.environ["FANIN_API_KEY"])
-    if config.metrics_dir:
+    if args.metrics_dir:
         # prometheus_client picks its multiprocess mode when first imported (via apiserver.app).
-        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", config.metrics_dir)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = args.metrics_dir
     logging.basicConfig(
         level=config.log_level.upper(),
         format=f"%(asctime)s %(levelname)s api-server-{args.index} %(name)s: %(message)s",
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             _serve(
                 config,
                 args.index,
+                args.engine_address,
                 sock,
                 args.ready_fd,
                 share,
@@ -165,6 +167,7 @@ def _load_table(path: str | None, index: int, rows: int) -> tuple[LoadTable, int
 async def _serve(
     config: ServerConfig,
     index: int,
+    engine_address: str,
     sock: socket.socket,
     ready_fd: int | None,
     share: cpu_budget.CpuShare,
@@ -189,9 +192,7 @@ async def _serve(
         if server is not None:
             server.should_exit = True
 
-    client = EngineClient(
-        config.engine_address, index, config.engine_heartbeat_timeout, on_fatal=on_fatal
-    )
+    client = EngineClient(engine_address, index, config.engine_heartbeat_timeout, on_fatal=on_fatal)
     try:
         ready = await client.start(config.engine_ready_timeout)
         renderer = await asyncio.to_thread(

@@ -217,7 +217,6 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     hf = hf.to(DEVICE).eval()
     processor = AutoProcessor.from_pretrained(args.model)
     config = EngineConfig(
-        model=args.model,
         dtype=str(DTYPE).removeprefix("torch."),  # type: ignore[arg-type]
         device=DEVICE.type,  # type: ignore[arg-type]
         cpu_kv_cache_bytes=1 << 30,
@@ -228,7 +227,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         max_num_batched_tokens=args.budget,
         enforce_eager=args.enforce_eager,
     )
-    runner = load_runner(config)
+    runner = load_runner(config, args.model)
     vocab = runner.facts.vocab_size
     figures: dict[str, tuple[Callable[[], float], Callable[[], float] | None]] = {}
     vision: dict[str, Any] = {}

@@ -178,14 +178,13 @@ def main() -> None:
             want.append(out[0, x["input_ids"].shape[1] :].tolist())
 
     config = EngineConfig(
-        model=args.model,
         dtype=args.dtype,
         device=args.device,
         max_num_seqs=len(inputs),
         max_num_batched_tokens=args.budget,
         max_model_len=max(x["input_ids"].shape[1] for x in inputs) + args.new_tokens + 8,
     )
-    runner = load_runner(config)
+    runner = load_runner(config, args.model)
     requests = [
         to_request(i, x, image_token_id, dtype, args.new_tokens) for i, x in enumerate(inputs)
     ]

@@ -60,7 +60,6 @@ def requests(model_dir: str) -> list[EngineRequest]:
 
 def serve(model_dir: str, reqs: list[EngineRequest], eager: bool, device: str) -> EngineRun:
     config = EngineConfig(
-        model=model_dir,
         dtype="bfloat16",
         device=device,  # type: ignore[arg-type]
         max_model_len=2048,
@@ -68,7 +67,7 @@ def serve(model_dir: str, reqs: list[EngineRequest], eager: bool, device: str) -
         max_num_batched_tokens=64,
         enforce_eager=eager,
     )
-    runner = load_runner(config)
+    runner = load_runner(config, model_dir)
     has_graphs = getattr(runner, "graphs", None) is not None
     if device == "cuda" and has_graphs == eager:
         raise RuntimeError(f"enforce_eager={eager}, yet graphs captured: {has_graphs}")

@@ -60,8 +60,8 @@ def check(model: Path, device: torch.device) -> list[dict[str, Any]]:
     vision_config = AutoConfig.from_pretrained(model).vision_config
     f32 = PixelInput.for_model(str(model), vision_config, device, torch.float32, "auto")
     bf16 = PixelInput.for_model(str(model), vision_config, device, torch.bfloat16, "auto")
-    engine = EngineConfig(model=str(model), device=device.type, dtype="bfloat16")
-    runner = load_runner(engine)
+    engine = EngineConfig(device=device.type, dtype="bfloat16")
+    runner = load_runner(engine, str(model))
     assert runner.vision is not None
     rows = []
     for name, image in _photos():

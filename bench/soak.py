@@ -7,7 +7,7 @@ The load comes in one-minute segments, each a `fanin bench` run (Poisson arrival
 ShareGPT prompts mixed, streamed, every photo distinct over the whole soak):
 
 - the steady rate is ``STEADY_SHARE`` of what a closed loop of ``CALIBRATION_CLIENTS``
-  completes in the first segment;
+  completes in the first segment; a steady and a burst segment follow as the warm-up;
 - ``BURSTS`` segments spread over the run are bursts at twice the steady rate (some 429s are
   the expected answer there);
 - beside the segments, clients that leave: about every ``LEAVER_INTERVAL_S`` a streamed
@@ -17,9 +17,9 @@ ShareGPT prompts mixed, streamed, every photo distinct over the whole soak):
 Every ``SAMPLE_S``: each process's RSS and open file descriptors, and the engine's running,
 waiting and KV usage from /metrics. The checks, once the load stopped and the engine drained
 (bounded): engine running + waiting = 0 and KV usage back to its value before the load; every
-process that lived through the run within ``RSS_GROWTH`` of its RSS after the first steady
-segment (the warm-up) and within ``FD_SLACK`` descriptors of its count then; the respawned
-server against the one it replaced; no 5xx, no timeouts, connection errors only in the
+process that lived through the run within ``RSS_GROWTH`` of its RSS after the warm-up and
+within ``FD_SLACK`` descriptors of its count then; the respawned server against the one it
+replaced; no 5xx, no timeouts, connection errors only in the
 segment of the kill. The exit code is 1 if a check failed.
 """
 
@@ -241,6 +241,15 @@ class Soak:
         self.killed = (name, pid)
         self._log(f"SIGKILLed {name} (pid {pid})")
 
+    async def idle_kv_usage(self) -> float:
+        """KV usage before any load (the gauge appears with the engine's first heartbeat)."""
+        for _ in range(20):
+            found = (await self.engine_metrics()).get("kv_cache_usage")
+            if found is not None:
+                return found
+            await asyncio.sleep(0.5)
+        return math.nan
+
     async def drained(self) -> dict[str, float]:
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
         while True:
@@ -255,7 +264,7 @@ class Soak:
     async def run(self) -> dict[str, Any]:
         args = self.args
         self.model = await fetch_model(self.server.target, None, None)
-        self.idle_kv = (await self.engine_metrics()).get("kv_cache_usage", math.nan)
+        self.idle_kv = await self.idle_kv_usage()
         # Photos for the whole soak at twice the steady rate's worst case, distinct throughout.
         width, height = (int(v) for v in args.image_size.split("x"))
         images = DistinctImages(width, height, 400_000)
@@ -268,14 +277,17 @@ class Soak:
         self._log(
             f"closed loop of {CALIBRATION_CLIENTS}: {calibrated:.2f} req/s; steady {steady:.2f}"
         )
-        first += await self.segment("steady (warm-up)", steady, images, first)
+        # The warm-up sees the heaviest load of the run (a burst), so that what the allocators
+        # keep after a peak is in the baseline and growth past it is what is measured.
+        first += await self.segment("warm-up: steady", steady, images, first)
+        first += await self.segment("warm-up: burst", 2 * steady, images, first)
         warm = await self.sample()
         leavers = asyncio.create_task(self._leavers(images, 300_000))
-        total = max(3, int(args.minutes * 60 / SEGMENT_S) - 2)
-        bursts = {round(total * (k + 1) / (BURSTS + 1)) for k in range(BURSTS)}
+        total = max(3, int(args.minutes * 60 / SEGMENT_S) - 3)
         kill_at = total // 2
-        if kill_at in bursts:
-            kill_at += 1
+        others = [k for k in range(total) if k != kill_at]
+        spread = (round((len(others) - 1) * (j + 1) / (BURSTS + 1)) for j in range(BURSTS))
+        bursts = {others[i] for i in spread}
         for k in range(total):
             if k == kill_at:
                 self.kill_one_server()
@@ -411,8 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--request-timeout", type=float, default=60.0)
     parser.add_argument("--result-dir", default="soak-results")
     args = parser.parse_args(argv)
-    if args.minutes < 4:
-        parser.error("--minutes: at least 4 (warm-up, a kill, a burst, a steady segment)")
+    if args.minutes < 6:
+        parser.error("--minutes: at least 6 (calibration, warm-up, a burst, a kill, a steady one)")
     raise_open_files_limit()
     out = Path(args.result_dir)
     server = ServedFanin.start(

@@ -1,6 +1,6 @@
-"""``python -m engine_core --config PATH [--ready-fd FD] [--parent-pid PID]``: the engine-core
-process. It writes one byte to ``--ready-fd`` once it takes HELLOs (the launcher then starts
-the API servers).
+"""``python -m engine_core --config PATH --model DIR --engine-address ADDR [--ready-fd FD]
+[--parent-pid PID]``: the engine-core process. ``--config`` holds the user's settings; the
+rest is the launcher's wiring. It writes one byte to ``--ready-fd`` once it takes HELLOs.
 
 Exit status: 0 after SHUTDOWN or SIGTERM/SIGINT, 1 after a fatal error (every connected API
 server is sent ENGINE_DEAD first), 2 for a bad command line or config.
@@ -32,6 +32,8 @@ logger = logging.getLogger("engine_core")
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m engine_core", description=__doc__)
     parser.add_argument("--config", required=True, help="EngineConfig as JSON")
+    parser.add_argument("--model", required=True, help="model directory (Hugging Face layout)")
+    parser.add_argument("--engine-address", required=True, help="ZeroMQ address to bind")
     parser.add_argument("--ready-fd", type=int, help="write one byte here once serving")
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when it dies")
     return parser.parse_args(argv)
@@ -40,17 +42,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _load_config(path: str) -> EngineConfig:
     with open(path, "rb") as f:
         data = f.read()
-    config = msgspec.json.decode(data, type=EngineConfig)
-    if not config.engine_address:
-        raise ValueError("engine_address is empty")
-    return config
+    return msgspec.json.decode(data, type=EngineConfig)
 
 
 def ready_message(config: EngineConfig, facts: RunnerFacts) -> messages.Ready:
     """READY facts for API servers, from what the runner learned at load time."""
     return messages.Ready(
         protocol_version=messages.PROTOCOL_VERSION,
-        model=config.model,
+        model=facts.model_dir,
         max_model_len=facts.max_model_len,
         vocab_size=facts.vocab_size,
         kv_capacity_tokens=facts.kv_capacity_tokens,
@@ -102,9 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     from engine_core.model.runner import load_runner  # heavy imports: after the fast checks
 
     try:
-        runner = load_runner(config)
+        runner = load_runner(config, args.model)
         ready = ready_message(config, runner.facts)
-        io = EngineIO(config.engine_address, ready, signal_fd=signal_r)
+        io = EngineIO(args.engine_address, ready, signal_fd=signal_r)
     except Exception:  # no client is connected yet: the launcher sees the exit status
         logger.error("engine startup failed:\n%s", traceback.format_exc())
         return 1
@@ -114,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     signal_ready(args.ready_fd)
     logger.info(
         "serving %s at %s (%d CPU math thread(s))",
-        runner.facts.model_name,
-        config.engine_address,
+        runner.facts.model_dir,
+        args.engine_address,
         torch.get_num_threads(),
     )
     try:

@@ -70,7 +70,7 @@ class StepResult:
 class RunnerFacts:
     """What the runner learned at load time (never written back into the config)."""
 
-    model_name: str
+    model_dir: str
     max_model_len: int
     vocab_size: int
     eos_token_ids: tuple[int, ...]

@@ -45,10 +45,10 @@ def _check_kind(request: EngineRequest, facts: RunnerFacts, allow_priority: bool
     if request.priority != 0 and not allow_priority:
         return f"priority {request.priority} needs --scheduling-policy priority"
     if request.sampling is not None and not facts.supports_generation:
-        return f"model {facts.model_name!r} is an embedding model; it cannot generate text"
+        return "this model is an embedding model; it cannot generate text"
     if request.pooling is not None:
         if not facts.supports_embeddings:
-            return f"model {facts.model_name!r} does not support embeddings"
+            return "this model does not support embeddings"
         if request.pooling.pooling not in facts.poolings:
             return (
                 f"pooling {request.pooling.pooling!r} is not supported by this model "

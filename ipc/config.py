@@ -1,6 +1,8 @@
-"""The engine core's configuration: built once by the launcher from the CLI, passed to the
-engine process as JSON, frozen. It lives in ``ipc`` because it is part of the contract between
-the launcher (``apiserver``) and the engine (``engine_core``), which never import each other.
+"""The engine core's configuration: what a user sets for it, built once by the launcher from
+the CLI, passed to the engine process as JSON, frozen. It lives in ``ipc`` because it is part
+of the contract between the launcher (``apiserver``) and the engine (``engine_core``), which
+never import each other. The wiring of one run (the resolved model directory, the socket
+address) is not configuration: the launcher passes it on the engine's command line.
 
 Each field's ``Meta(description=...)`` is its ``--flag`` help text: the CLI is built from
 these fields, so a setting is defined once.
@@ -15,11 +17,6 @@ from msgspec import Meta
 
 
 class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    model: Annotated[str, Meta(description="model directory (Hugging Face layout)")]
-    served_model_name: Annotated[str, Meta(description="model name clients use")] = ""
-    engine_address: Annotated[
-        str, Meta(description="ZeroMQ address the engine binds (set by the launcher)")
-    ] = ""
     dtype: Annotated[
         Literal["auto", "float32", "bfloat16", "float16"],
         Meta(description="weight and activation dtype; auto = bfloat16 on CUDA, float32 on CPU"),

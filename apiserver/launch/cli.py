@@ -16,7 +16,7 @@ import re
 import sys
 import types
 import typing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
@@ -27,8 +27,6 @@ from apiserver.config import ServerConfig
 from ipc.config import EngineConfig
 from ipc.lifecycle import name_process
 
-#: Fields the launcher fills in itself.
-LAUNCHER_FIELDS = frozenset({"engine_address", "metrics_dir", "model"})
 API_KEY_ENV = "FANIN_API_KEY"
 
 
@@ -70,12 +68,8 @@ def serve_options() -> list[Option]:
         hints = typing.get_type_hints(struct, include_extras=True)
         for field in msgspec.structs.fields(struct):
             kind, description = _unwrap(hints[field.name])
-            if field.name in LAUNCHER_FIELDS or description.startswith("(internal)"):
-                continue
-            if field.name in options:  # e.g. served_model_name: one flag feeds both structs
-                known = options[field.name]
-                options[field.name] = replace(known, targets=(*known.targets, struct))
-                continue
+            # One place for each setting: a name in both structs would be two facts.
+            assert field.name not in options, f"{field.name} is in both config structs"
             default = None if field.default is msgspec.NODEFAULT else field.default
             options[field.name] = Option(field.name, kind, default, description, (struct,))
     return list(options.values())
@@ -166,13 +160,12 @@ def _version() -> str:
 
 
 def configs_from_args(
-    args: argparse.Namespace, model: str, env: typing.Mapping[str, str] | None = None
+    args: argparse.Namespace, env: typing.Mapping[str, str] | None = None
 ) -> tuple[ServerConfig, EngineConfig]:
     """Validated configs from parsed ``serve`` arguments. Raises ``ValueError`` naming the
     flag for a bad value."""
     env = os.environ if env is None else env
     values: dict[type[msgspec.Struct], dict[str, Any]] = {ServerConfig: {}, EngineConfig: {}}
-    values[EngineConfig]["model"] = model
     for option in serve_options():
         if option.name not in vars(args):
             continue
@@ -226,7 +219,7 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from apiserver import cpu_budget
 
     try:
-        server, engine = configs_from_args(args, model=args.model or "")
+        server, engine = configs_from_args(args)
         share = cpu_budget.plan(server, cpu_budget.usable_cores())
     except ValueError as e:  # BudgetError included: a flag this machine cannot honour
         parser.error(str(e))
@@ -251,8 +244,7 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         remove_uds(server)
         print(f"fanin: error: {e}", file=sys.stderr)
         return 1
-    engine = msgspec.structs.replace(engine, model=str(model))
-    return Launcher(server, engine, share).run(listener)
+    return Launcher(server, engine, share, str(model)).run(listener)
 
 
 def _build_model(args: argparse.Namespace) -> int:

@@ -44,8 +44,12 @@ FAST_FAILURE_S = 1.0
 class Launcher:
     """Owns every child process of one `fanin serve`. ``run()`` returns the exit code."""
 
-    def __init__(self, server: ServerConfig, engine: EngineConfig, share: CpuShare) -> None:
-        """``share``: ``cpu_budget.plan`` of ``server`` on this machine."""
+    def __init__(
+        self, server: ServerConfig, engine: EngineConfig, share: CpuShare, model: str
+    ) -> None:
+        """``share``: ``cpu_budget.plan`` of ``server`` on this machine; ``model``: the
+        resolved model directory."""
+        self.model = model
         # The servers get the plan's resolved figures, so that all of them agree on N.
         self.server_cfg = msgspec.structs.replace(
             server,
@@ -101,13 +105,9 @@ class Launcher:
             logger.warning("%s=%s is set in the environment: API servers keep it", name, value)
 
     def _write_configs(self, run_dir: str) -> None:
-        address = engine_address(run_dir)
-        metrics_dir = os.path.join(run_dir, "metrics")
-        os.mkdir(metrics_dir, 0o700)
-        self.engine_cfg = msgspec.structs.replace(self.engine_cfg, engine_address=address)
-        self.server_cfg = msgspec.structs.replace(
-            self.server_cfg, engine_address=address, metrics_dir=metrics_dir
-        )
+        self.engine_address = engine_address(run_dir)
+        self.metrics_dir = os.path.join(run_dir, "metrics")
+        os.mkdir(self.metrics_dir, 0o700)
         for name, cfg in (("engine.json", self.engine_cfg), ("server.json", self.server_cfg)):
             # 0600: server.json may hold the API key (the run dir is 0700 too).
             path = os.path.join(run_dir, name)
@@ -119,7 +119,8 @@ class Launcher:
 
     def _serve(self, close_listener: Callable[[], None]) -> int:
         engine_cmd = [sys.executable, "-m", "engine_core", "--config"]
-        engine_cmd += [f"{self.run_dir}/engine.json", "--ready-fd", "{ready_fd}"]
+        engine_cmd += [f"{self.run_dir}/engine.json", "--model", self.model]
+        engine_cmd += ["--engine-address", self.engine_address, "--ready-fd", "{ready_fd}"]
         engine_cmd += ["--parent-pid", str(os.getpid())]
         # The engine's own CPU work (input staging, pinned copies) runs in torch's thread pool
         # too: left at a thread per core, its spinning OpenMP workers took 10 of 16 cores from
@@ -189,12 +190,13 @@ class Launcher:
     def _spawn_server(self, index: int) -> None:
         cmd = [sys.executable, "-m", "apiserver.server", "--config", f"{self.run_dir}/server.json"]
         cmd += ["--index", str(index), "--listen-fd", str(self.listen_fd)]
+        cmd += ["--engine-address", self.engine_address, "--metrics-dir", self.metrics_dir]
         cmd += ["--load-table", self.load_table_path]
         cmd += ["--ready-fd", "{ready_fd}", "--parent-pid", str(os.getpid())]
         child = spawn(
             f"api server {index}",
             cmd,
-            env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": self.server_cfg.metrics_dir},
+            env=dict(os.environ),
             pass_fds=(self.listen_fd,),
             with_ready_pipe=True,
         )
@@ -236,7 +238,7 @@ class Launcher:
         assert self.load_table is not None
         self.load_table.clear(index)  # its connections died with it
         try:
-            multiprocess.mark_process_dead(child.pid, self.server_cfg.metrics_dir)
+            multiprocess.mark_process_dead(child.pid, self.metrics_dir)
         except OSError as e:
             logger.warning("could not clean metrics of pid %d: %s", child.pid, e)
         crashed_early = not child.is_ready or time.monotonic() - child.started < FAST_FAILURE_S

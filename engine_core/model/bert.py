@@ -25,13 +25,18 @@ _POOLINGS = ("mean", "cls", "last")
 
 class EncoderRunner(ModelRunner):
     def __init__(
-        self, config: EngineConfig, spec: ModelSpec, device: torch.device, dtype: torch.dtype
+        self,
+        config: EngineConfig,
+        model_dir: str,
+        spec: ModelSpec,
+        device: torch.device,
+        dtype: torch.dtype,
     ) -> None:
         self.device, self.dtype = device, dtype
         try:
-            self.model = AutoModel.from_pretrained(config.model, dtype=dtype, local_files_only=True)
+            self.model = AutoModel.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
         except (OSError, ValueError) as e:
-            raise ModelLoadError(f"cannot load encoder model from {config.model}: {e}") from e
+            raise ModelLoadError(f"cannot load encoder model from {model_dir}: {e}") from e
         self.model.to(device).eval()
         limit = int(getattr(spec.config, "max_position_embeddings", 512))
         if config.max_model_len is not None and config.max_model_len > limit:
@@ -41,7 +46,7 @@ class EncoderRunner(ModelRunner):
             )
         self.vocab_size = int(spec.config.vocab_size)
         self.facts = RunnerFacts(
-            model_name=config.served_model_name or config.model,
+            model_dir=model_dir,
             max_model_len=config.max_model_len or limit,
             vocab_size=self.vocab_size,
             eos_token_ids=(),

@@ -46,7 +46,12 @@ _POOLINGS = ("last", "mean")
 
 class DecoderRunner(ModelRunner):
     def __init__(
-        self, config: EngineConfig, spec: ModelSpec, device: torch.device, dtype: torch.dtype
+        self,
+        config: EngineConfig,
+        model_dir: str,
+        spec: ModelSpec,
+        device: torch.device,
+        dtype: torch.dtype,
     ) -> None:
         assert spec.decoder is not None
         self.spec: DecoderSpec = spec.decoder
@@ -55,7 +60,7 @@ class DecoderRunner(ModelRunner):
         self.max_model_len = self._max_model_len(config)
         is_fast = self._use_graphs(config)
         self.kernels = Kernels.compiled(device, dtype) if is_fast else Kernels.eager()
-        self.decoder, self.vision = self._load(config)
+        self.decoder, self.vision = self._load(config, model_dir)
         self.rotary = RotaryEmbedding(
             self.spec.text_config, self.spec.head_dim, self.spec.mrope_section
         ).to(device)
@@ -86,7 +91,7 @@ class DecoderRunner(ModelRunner):
                 dtype,
             )
         self.facts = RunnerFacts(
-            model_name=config.served_model_name or config.model,
+            model_dir=model_dir,
             max_model_len=self.max_model_len,
             vocab_size=self.spec.vocab_size,
             eos_token_ids=self.spec.eos_token_ids,
@@ -115,9 +120,8 @@ class DecoderRunner(ModelRunner):
         return config.max_model_len or limit
 
     @torch.no_grad()
-    def _load(self, config: EngineConfig) -> tuple[Decoder, VisionEncoder | None]:
+    def _load(self, config: EngineConfig, model_dir: str) -> tuple[Decoder, VisionEncoder | None]:
         """The decoder and, for VL models, the vision tower, with the checkpoint's weights."""
-        model_dir = config.model
         # Built on the meta device: every parameter is then loaded from the checkpoint, so
         # random initialisation would be wasted work.
         with torch.device("meta"):

@@ -72,15 +72,15 @@ def pick_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
     return _DTYPES[config.dtype]
 
 
-def load_runner(config: EngineConfig) -> ModelRunner:
-    """Build the runner that fits the checkpoint in ``config.model``."""
-    spec = read_spec(config.model)
+def load_runner(config: EngineConfig, model_dir: str) -> ModelRunner:
+    """Build the runner that fits the checkpoint in ``model_dir``."""
+    spec = read_spec(model_dir)
     device = pick_device(config)
     dtype = pick_dtype(config, device)
     if spec.kind == "encoder":
         from engine_core.model.bert import EncoderRunner
 
-        return EncoderRunner(config, spec, device, dtype)
+        return EncoderRunner(config, model_dir, spec, device, dtype)
     from engine_core.model.decoder_runner import DecoderRunner
 
-    return DecoderRunner(config, spec, device, dtype)
+    return DecoderRunner(config, model_dir, spec, device, dtype)

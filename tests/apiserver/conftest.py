@@ -119,7 +119,7 @@ def start_stack(
     )
     metrics_dir = tmp / "metrics"
     metrics_dir.mkdir()
-    server_config = ServerConfig(engine_address=address, metrics_dir=str(metrics_dir), **config)
+    server_config = ServerConfig(**config)
     config_path = tmp / "server.json"
     config_path.write_bytes(msgspec.json.encode(server_config))
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -144,6 +144,10 @@ def start_stack(
             "0",
             "--listen-fd",
             str(listener.fileno()),
+            "--engine-address",
+            address,
+            "--metrics-dir",
+            str(metrics_dir),
             "--ready-fd",
             str(ready_w),
             "--parent-pid",

@@ -59,7 +59,7 @@ def test_inline_mode_still_refuses_past_the_pending_limit() -> None:
 
 def test_flag_sets_the_mode_and_refuses_unknown_modes() -> None:
     args = cli.build_parser().parse_args(["serve", "--preprocess-mode", "inline"])
-    server, _ = cli.configs_from_args(args, model="/m", env={})
+    server, _ = cli.configs_from_args(args, env={})
     assert server.preprocess_mode == "inline"
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["serve", "--preprocess-mode", "threads"])

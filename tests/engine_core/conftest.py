@@ -43,7 +43,7 @@ def make_runner(default_model_dir: Path) -> Callable[..., Any]:
             "cpu_kv_cache_bytes": 64 << 20,
         }
         fields.update(overrides)
-        return load_runner(EngineConfig(model=str(model or default_model_dir), **fields))
+        return load_runner(EngineConfig(**fields), str(model or default_model_dir))
 
     return make
 

@@ -36,7 +36,7 @@ class Engine:
 
     def __init__(self, run_dir: Path, runner: FakeRunner) -> None:
         self.address = engine_address(str(run_dir))
-        self.config = EngineConfig(model="fake", engine_address=self.address)
+        self.config = EngineConfig()
         self.io = EngineIO(self.address, ready_message(self.config, runner.facts))
         self.core = EngineCore(self.config, runner, Sampler(0, runner.device), self.io)  # type: ignore[arg-type]
         self.error: BaseException | None = None

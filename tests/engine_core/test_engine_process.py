@@ -49,11 +49,12 @@ class EngineProcess:
             "cpu_kv_cache_bytes": 64 << 20,
         }
         fields.update(overrides)
-        config = EngineConfig(model=str(model_dir), engine_address=self.address, **fields)
+        config = EngineConfig(**fields)
         config_path = os.path.join(self.run_dir, "engine.json")
         with open(config_path, "wb") as f:
             f.write(msgspec.json.encode(config))
         cmd = [sys.executable, "-m", "engine_core", "--config", config_path]
+        cmd += ["--model", str(model_dir), "--engine-address", self.address]
         cmd += ["--parent-pid", str(os.getpid())]
         self.proc = subprocess.Popen(cmd, cwd=REPO)
 

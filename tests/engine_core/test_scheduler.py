@@ -49,7 +49,7 @@ class FakeRunner:
         self, num_slots: int = 4, max_model_len: int = 256, eos: int = EOS, max_num_seqs: int = 64
     ) -> None:
         self.facts = RunnerFacts(
-            model_name="fake",
+            model_dir="fake",
             max_model_len=max_model_len,
             vocab_size=VOCAB,
             eos_token_ids=(eos,),
@@ -173,7 +173,7 @@ class Harness:
         if "max_num_seqs" in config:  # the runner's facts hold the effective figure
             runner_args["max_num_seqs"] = config["max_num_seqs"]
         self.runner = FakeRunner(**runner_args)  # type: ignore[arg-type]
-        self.config = EngineConfig(model="fake", **config)  # type: ignore[arg-type]
+        self.config = EngineConfig(**config)  # type: ignore[arg-type]
         self.outputs: dict[str, list[RequestOutput]] = {}
         self.clients: dict[str, bytes] = {}
         self.clock = clock or [time.time()]

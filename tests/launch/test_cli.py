@@ -9,10 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from apiserver.config import ServerConfig
 from apiserver.launch import cli
+from ipc.config import EngineConfig
 
 VLLM_FLAGS = {
     "--host", "--port", "--uds", "--api-key", "--served-model-name", "--max-model-len",
@@ -24,13 +26,16 @@ VLLM_FLAGS = {
 
 def _configs(*argv: str, env: dict[str, str] | None = None) -> tuple[object, object]:
     args = cli.build_parser().parse_args(["serve", *argv])
-    return cli.configs_from_args(args, model="/models/m", env=env or {})
+    return cli.configs_from_args(args, env=env or {})
 
 
-def test_serve_has_vllm_flags_and_none_for_launcher_fields() -> None:
+def test_serve_has_vllm_flags_and_none_for_the_launchers_wiring() -> None:
     flags = {option.flag for option in cli.serve_options()}
     assert flags >= VLLM_FLAGS
     assert not flags & {"--engine-address", "--metrics-dir", "--model"}
+    # Each setting in one struct: no name in both.
+    server = {f.name for f in msgspec.structs.fields(ServerConfig)}
+    assert not server & {f.name for f in msgspec.structs.fields(EngineConfig)}
 
 
 def test_flag_values_reach_both_configs() -> None:
@@ -39,12 +44,11 @@ def test_flag_values_reach_both_configs() -> None:
         "--dtype", "bfloat16", "--no-enable-chunked-prefill", "--allow-private-media-urls",
         "--allowed-media-domains", "a.example", "b.example,c.example", "--max-model-len", "64",
     )  # fmt: skip
-    assert server.served_model_name == engine.served_model_name == "tiny"
+    assert server.served_model_name == "tiny"
     assert server.api_server_count == 3 and server.allow_private_media_urls is True
     assert server.allowed_media_domains == ["a.example", "b.example", "c.example"]
     assert engine.max_num_seqs == 5 and engine.dtype == "bfloat16"
     assert engine.enable_chunked_prefill is False and engine.max_model_len == 64
-    assert engine.model == "/models/m"
 
 
 def test_unset_flags_keep_struct_defaults() -> None:

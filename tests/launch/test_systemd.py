@@ -67,7 +67,7 @@ def test_systemd_unit_runs_a_valid_command_and_outwaits_the_drain() -> None:
     argv = shlex.split(unit["ExecStart"])
     assert Path(argv[0]).name == "fanin"
     args = cli.build_parser().parse_args(argv[1:])
-    server, _ = cli.configs_from_args(args, model="", env={})
+    server, _ = cli.configs_from_args(args, env={})
     assert server.host == "0.0.0.0"
     assert float(unit["TimeoutStopSec"]) > server.shutdown_timeout
     assert float(unit["TimeoutStartSec"]) >= server.engine_ready_timeout
