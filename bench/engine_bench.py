@@ -36,7 +36,8 @@ import torch
 from PIL import Image
 
 from bench.runner_loop import make_request, prefill, release, run_engine
-from engine_core.model.runner import ModelRunner, load_runner
+from engine_core.model.runner import ModelRunner
+from engine_core.model.runner_factory import load_runner
 from ipc.config import EngineConfig
 
 PHOTO_SIZES = {"1024x768": (1024, 768), "1920x1080": (1920, 1080)}

@@ -34,7 +34,7 @@ from bench.datasets import sharegpt_prompts
 from bench.runner_loop import run_engine
 from engine_core.model.kernels import Kernels
 from engine_core.model.loader import iter_tensors
-from engine_core.model.runner import load_runner
+from engine_core.model.runner_factory import load_runner
 from engine_core.model.vision import VisionEncoder
 from ipc.config import EngineConfig
 from ipc.messages import EngineRequest, MultiModalItem, SamplingParams

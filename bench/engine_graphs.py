@@ -31,7 +31,7 @@ from bench.datasets import sharegpt_prompts
 from bench.engine_correctness import hf_inputs, to_request
 from bench.runner_loop import EngineRun, run_engine
 from engine_core.model.kernels import Kernels
-from engine_core.model.runner import load_runner
+from engine_core.model.runner_factory import load_runner
 from ipc.config import EngineConfig
 from ipc.messages import EngineRequest, SamplingParams
 

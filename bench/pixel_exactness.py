@@ -53,7 +53,7 @@ def _timed(fn: Any, device: torch.device) -> tuple[Any, float]:
 def check(model: Path, device: torch.device) -> list[dict[str, Any]]:
     from transformers import AutoConfig, AutoImageProcessor
 
-    from engine_core.model.runner import load_runner
+    from engine_core.model.runner_factory import load_runner
     from ipc.config import EngineConfig
 
     processor = AutoImageProcessor.from_pretrained(model)

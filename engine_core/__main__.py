@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from engine_core.model.runner import load_runner  # heavy imports: after the fast checks
+    from engine_core.model.runner_factory import load_runner  # heavy imports: after the fast checks
 
     try:
         runner = load_runner(config, args.model)

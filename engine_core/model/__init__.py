@@ -1,4 +1,4 @@
 """The engine's model side: weights, KV cache, attention and the runner the scheduler drives.
 
-Entry point: ``engine_core.model.runner.load_runner``.
+Entry point: ``engine_core.model.runner_factory.load_runner``.
 """

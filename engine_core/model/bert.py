@@ -15,7 +15,7 @@ from transformers import AutoModel
 
 from engine_core.batch import Chunk, ImageRef, RunnerFacts, StepResult
 from engine_core.model.errors import ModelLoadError
-from engine_core.model.runner import ModelRunner
+from engine_core.model.runner import ModelRunner, context_length
 from engine_core.model.spec import ModelSpec
 from ipc.config import EngineConfig
 from ipc.messages import EngineRequest
@@ -38,16 +38,13 @@ class EncoderRunner(ModelRunner):
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"cannot load encoder model from {model_dir}: {e}") from e
         self.model.to(device).eval()
-        limit = int(getattr(spec.config, "max_position_embeddings", 512))
-        if config.max_model_len is not None and config.max_model_len > limit:
-            raise ModelLoadError(
-                f"max_model_len={config.max_model_len} exceeds the model's "
-                f"max_position_embeddings={limit}"
-            )
+        max_model_len = context_length(
+            config, int(getattr(spec.config, "max_position_embeddings", 512))
+        )
         self.vocab_size = int(spec.config.vocab_size)
         self.facts = RunnerFacts(
             model_dir=model_dir,
-            max_model_len=config.max_model_len or limit,
+            max_model_len=max_model_len,
             vocab_size=self.vocab_size,
             eos_token_ids=(),
             num_slots=config.max_num_seqs,

@@ -22,7 +22,6 @@ from engine_core.model import step_inputs
 from engine_core.model.attention import build_meta, can_use_flash
 from engine_core.model.cuda_graphs import capture_decode_graphs
 from engine_core.model.encoder_cache import EncoderCache
-from engine_core.model.errors import ModelLoadError
 from engine_core.model.host import to_device
 from engine_core.model.image_step import encode_images
 from engine_core.model.kernels import Kernels
@@ -33,7 +32,7 @@ from engine_core.model.pixels import PixelInput
 from engine_core.model.qwen2 import Decoder
 from engine_core.model.request_state import RequestState
 from engine_core.model.rope import RotaryEmbedding
-from engine_core.model.runner import ModelRunner
+from engine_core.model.runner import ModelRunner, context_length
 from engine_core.model.spec import DecoderSpec, ModelSpec
 from engine_core.model.vision import VisionEncoder
 from ipc.config import EngineConfig
@@ -57,7 +56,7 @@ class DecoderRunner(ModelRunner):
         self.spec: DecoderSpec = spec.decoder
         self.device, self.dtype = device, dtype
         self.use_flash = can_use_flash(device, dtype)
-        self.max_model_len = self._max_model_len(config)
+        self.max_model_len = context_length(config, self.spec.max_position_embeddings)
         is_fast = self._use_graphs(config)
         self.kernels = Kernels.compiled(device, dtype) if is_fast else Kernels.eager()
         self.decoder, self.vision = self._load(config, model_dir)
@@ -109,15 +108,6 @@ class DecoderRunner(ModelRunner):
 
     def _use_graphs(self, config: EngineConfig) -> bool:
         return self.device.type == "cuda" and self.use_flash and not config.enforce_eager
-
-    def _max_model_len(self, config: EngineConfig) -> int:
-        limit = self.spec.max_position_embeddings
-        if config.max_model_len is not None and config.max_model_len > limit:
-            raise ModelLoadError(
-                f"max_model_len={config.max_model_len} exceeds the model's "
-                f"max_position_embeddings={limit}"
-            )
-        return config.max_model_len or limit
 
     @torch.no_grad()
     def _load(self, config: EngineConfig, model_dir: str) -> tuple[Decoder, VisionEncoder | None]:

@@ -1,8 +1,4 @@
-"""The model runner the scheduler drives: ``load_runner(config)`` and the ``ModelRunner`` API.
-
-``load_runner`` reads config.json and returns the decoder runner (Qwen2 / Qwen2.5 / Llama /
-Qwen2-VL / Qwen2.5-VL) or the encoder-only embedding runner (BERT family).
-"""
+"""The ``ModelRunner`` API the scheduler drives (``runner_factory.load_runner`` builds one)."""
 
 from __future__ import annotations
 
@@ -13,11 +9,8 @@ import torch
 
 from engine_core.batch import Chunk, ImageRef, RunnerFacts, StepResult
 from engine_core.model.errors import ModelLoadError
-from engine_core.model.spec import read_spec
 from ipc.config import EngineConfig
 from ipc.messages import EngineRequest
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ModelRunner(ABC):
@@ -56,31 +49,11 @@ class ModelRunner(ABC):
         """Forget cached image-encoder outputs that no running request holds."""
 
 
-def pick_device(config: EngineConfig) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU."""
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("--device cuda was asked for but CUDA is not available")
-    if config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device())
-
-
-def pick_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
-    """``auto`` -> bfloat16 on CUDA, float32 on CPU."""
-    if config.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[config.dtype]
-
-
-def load_runner(config: EngineConfig, model_dir: str) -> ModelRunner:
-    """Build the runner that fits the checkpoint in ``model_dir``."""
-    spec = read_spec(model_dir)
-    device = pick_device(config)
-    dtype = pick_dtype(config, device)
-    if spec.kind == "encoder":
-        from engine_core.model.bert import EncoderRunner
-
-        return EncoderRunner(config, model_dir, spec, device, dtype)
-    from engine_core.model.decoder_runner import DecoderRunner
-
-    return DecoderRunner(config, model_dir, spec, device, dtype)
+def context_length(config: EngineConfig, max_position_embeddings: int) -> int:
+    """``--max-model-len``, or the model's own limit; more than the model's is a load error."""
+    if config.max_model_len is not None and config.max_model_len > max_position_embeddings:
+        raise ModelLoadError(
+            f"max_model_len={config.max_model_len} exceeds the model's "
+            f"max_position_embeddings={max_position_embeddings}"
+        )
+    return config.max_model_len or max_position_embeddings

@@ -33,7 +33,7 @@ def processor(default_model_dir: Path) -> Any:
 @pytest.fixture
 def make_runner(default_model_dir: Path) -> Callable[..., Any]:
     """Build a runner over the default model (or ``model``), small KV cache by default."""
-    from engine_core.model.runner import load_runner
+    from engine_core.model.runner_factory import load_runner
     from ipc.config import EngineConfig
 
     def make(model: Path | None = None, **overrides: Any) -> Any:
