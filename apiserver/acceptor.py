@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 #: While another server should take the pending connections: how soon to look again. A bound
 #: on how long a connection waits when the least loaded server is slow to wake.
 RECHECK_S = 0.005
+#: A connection still pending this soon after a deferral is the one deferred (or a flood's).
+WAITED_S = 4 * RECHECK_S
 #: After the process ran out of file descriptors or memory for one more connection (asyncio
 #: waits the same before accepting again).
 RESOURCE_RETRY_S = 1.0
@@ -68,6 +70,7 @@ class Acceptor:
         self._loop = asyncio.get_running_loop()
         self._reading = False
         self._closed = False
+        self._deferred_at: float | None = None
         self._retry: asyncio.TimerHandle | None = None
         self._connecting: set[asyncio.Task[Any]] = set()
         self._drained = asyncio.Event()
@@ -113,7 +116,11 @@ class Acceptor:
             self._reading = False
 
     def _on_readable(self) -> None:
-        while self._balancer.may_accept():
+        # Still readable a recheck after this server deferred to another: the connection
+        # has waited, and a tie no longer holds it back (``Balancer.may_accept``).
+        now = self._loop.time()
+        waited = self._deferred_at is not None and now - self._deferred_at <= WAITED_S
+        while self._balancer.may_accept(waited):
             try:
                 conn, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -125,6 +132,8 @@ class Acceptor:
                     return
                 continue  # the client gave up before we took it (ECONNABORTED and the like)
             self._serve(conn)
+            waited = False
+        self._deferred_at = now
         self._pause(RECHECK_S)
 
     def _pause(self, delay: float) -> None:

@@ -93,24 +93,28 @@ class Balancer:
         self.table.beat(self.index)
         self.table.find_stuck()
 
-    def may_accept(self) -> bool:
+    def may_accept(self, waited: bool = False) -> bool:
         """Rule 1: serving, and no more connections than the least loaded live server; when
-        level with it, the oldest last accept among those level."""
+        level with it, the oldest last accept among those level, unless the pending
+        connection has ``waited`` a recheck already (that server is slow to wake, or a flood
+        needs every server accepting)."""
         if self.state != SERVING:
             return False
         least = self.table.least_connections()
         if self.connections != least:
             return self.connections < least
-        return self._last_accept_ns <= self.table.oldest_accept(least)
+        return waited or self._last_accept_ns <= self.table.oldest_accept(least)
 
     def connection_opened(self) -> None:
         self.connections += 1
+        self._one_above_since = None  # a new imbalance: rule 3's wait starts again
         self._last_accept_ns = time.monotonic_ns()
         self.table.publish_accept(self.index, self._last_accept_ns)
         self._publish()
 
     def connection_closed(self) -> None:
         self.connections -= 1
+        self._one_above_since = None
         self._closing = max(0, self._closing - 1)
         self._publish()
         self.on_release()
