@@ -43,10 +43,19 @@ class Stack:
     server_log: Path
     api_key: str = "unused"
     cleanup: list[Any] = field(default_factory=list)
+    clients: dict[str, openai.OpenAI] = field(default_factory=dict)
 
     def client(self, **kw: Any) -> openai.OpenAI:
+        """One SDK client per key, closed by ``stop``: a client dropped unclosed leaves its
+        pooled socket to the garbage collector, whose ResourceWarning then fails whichever
+        test happens to be running."""
         kw.setdefault("api_key", self.api_key)
-        return openai.OpenAI(base_url=f"{self.url}/v1", max_retries=0, timeout=30, **kw)
+        key = repr(sorted(kw.items()))
+        if key not in self.clients:
+            self.clients[key] = openai.OpenAI(
+                base_url=f"{self.url}/v1", max_retries=0, timeout=30, **kw
+            )
+        return self.clients[key]
 
     def http(self) -> httpx.Client:
         return httpx.Client(
@@ -67,6 +76,9 @@ class Stack:
         raise AssertionError(f"engine never logged {pattern!r}: {self.engine_lines()[-5:]}")
 
     def stop(self) -> int | None:
+        for sdk in self.clients.values():
+            sdk.close()
+        self.clients.clear()
         if self.server.poll() is None:
             self.server.send_signal(signal.SIGTERM)
             try:
