@@ -48,6 +48,7 @@ from bench.cli import fetch_model, raise_open_files_limit, run_async, write_text
 from bench.config import BenchConfig
 from bench.http_client import Client, HttpError, fetch, request_bytes
 from bench.images import DistinctImages
+from bench.metrics import latency_summary
 from bench.runner import Run
 from bench.serve import ServedFanin
 from bench.workload import Workload, images_needed
@@ -203,9 +204,7 @@ class Soak:
         for r in result.records:
             key = _outcome(r)
             seg.outcomes[key] = seg.outcomes.get(key, 0) + 1
-        if result.health_s:
-            ordered = sorted(result.health_s)
-            seg.health_p99_ms = 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+        seg.health_p99_ms = latency_summary(result.health_s, result.health_failed)["p99_ms"]
         self.segments.append(seg)
         self._log(
             f"{name} at {rate:.2f} req/s: {seg.outcomes}, /health p99 {seg.health_p99_ms:.1f} ms"
