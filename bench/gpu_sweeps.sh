@@ -15,6 +15,10 @@
 #   vl        (issue 11) the 2B-shaped model through 4 API servers (image req/s with
 #             `nvidia-smi dmon` utilisation beside it), then bench/engine_bench.py on it as
 #             time allows.
+#   profile   the default model at 4 x auto (PROFILE_FLAGS replaces the serve flags) under
+#             py-spy (when present, idle samples included: a thread's samples are its wall
+#             time): one closed-loop run, then where each process's time went
+#             (bench/stacks.py; the engine core within its serving loop).
 #   overload  (issue 13) the default model at 1x and 2x the rate that saturates 4 API
 #             servers, for 4 x auto, inline 1x1 and pool 1x14, with a 10 s client timeout.
 #
@@ -23,8 +27,8 @@
 # Needs the repo root on PYTHONPATH (no install). Writes OUT_DIR/gpu.txt and one folder per
 # sweep (sweep.json, sweep.md ready to paste, sweep.png, the servers' logs).
 set -euo pipefail
-part=${1:?usage: bench/gpu_sweeps.sh baseline|scaleout|vl|overload OUT_DIR}
-out=${2:?usage: bench/gpu_sweeps.sh baseline|scaleout|vl|overload OUT_DIR}
+part=${1:?usage: bench/gpu_sweeps.sh baseline|scaleout|vl|profile|overload OUT_DIR}
+out=${2:?usage: bench/gpu_sweeps.sh baseline|scaleout|vl|profile|overload OUT_DIR}
 budget=${BUDGET_S:-540}
 py=${PYTHON:-python3}
 start=$(date +%s)
@@ -90,13 +94,48 @@ vl)
         grep -v "Loading weights" "$out/engine_bench.log" | tail -n 22
     fi
     ;;
+profile)
+    pyspy=$(command -v py-spy || echo "${PYSPY:-/tmp/site/bin/py-spy}")
+    port=8100
+    # py-spy starts the server (so it may trace its children); the window is cut by the
+    # server's stop, --duration only bounds it.
+    $pyspy record --subprocesses --threads --nonblocking --idle -r 100 -d "$(left 20)" -f raw \
+        -o "$out/stacks.raw" -- $py -m apiserver.launch.cli serve "$work/default" --port $port \
+        ${PROFILE_FLAGS:---api-server-count 4} >"$out/serve.log" 2>&1 &
+    spy=$!
+    for _ in $(seq 180); do
+        curl -fs -o /dev/null "http://127.0.0.1:$port/ready" && break
+        sleep 1
+    done
+    nvidia-smi dmon -s u -d 1 >"$out/gpu_util.txt" 2>&1 &
+    dmon=$!
+    $py -m apiserver.launch.cli bench --base-url "http://127.0.0.1:$port" "${images[@]}" \
+        --warmup-seconds 2 --duration "${PROFILE_SECONDS:-15}" --num-prompts 8000 \
+        --request-timeout 60 --result-dir "$out/profile" >"$out/profile.stdout" 2>&1 ||
+        echo "bench: exit $?"
+    kill "$dmon" 2>/dev/null || true
+    grep -E '^\| (request throughput|completed in|TTFT|TPOT|/health|server cores|completed per)' \
+        "$out/profile.stdout" || tail -n 20 "$out/profile.stdout"
+    pkill -TERM -f fanin-launcher || true
+    wait "$spy" || echo "py-spy: exit $?"
+    awk '$1 ~ /^[0-9]+$/ {print $2}' "$out/gpu_util.txt" | sort -rn | head -n 10 |
+        awk '{s += $1; n++} END {if (n) printf "GPU SM busy: %.0f %% (mean of the %d busiest seconds)\n", s / n, n}'
+    if [[ -s $out/stacks.raw ]]; then
+        $py -m bench.stacks "$out/stacks.raw" --match engine_core --within EngineCore.run \
+            --top 40 >"$out/engine_stacks.txt"
+        $py -m bench.stacks "$out/stacks.raw" --match apiserver.server --top 25 \
+            >"$out/api_stacks.txt"
+        head -n 60 "$out/engine_stacks.txt"
+        gzip -f "$out/stacks.raw"
+    fi
+    ;;
 overload)
     sweep overload "$work/default" --rate-multiples 1 2 --warmup-seconds 2 --duration 8 \
         --num-prompts 20000 --request-timeout 10 --server-start-timeout 120 \
         --time-budget "$(left)" --configs 4xauto inline:1x1 pool:1x14
     ;;
 *)
-    echo "unknown part $part (baseline, scaleout, vl, overload)" >&2
+    echo "unknown part $part (baseline, scaleout, vl, profile, overload)" >&2
     exit 2
     ;;
 esac

@@ -98,12 +98,19 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from engine_core.model.runner_factory import load_runner  # heavy imports: after the fast checks
+    # heavy imports: after the fast checks
+    from engine_core.model.host import pin_pixels
+    from engine_core.model.runner_factory import load_runner
 
     try:
         runner = load_runner(config, args.model)
         ready = ready_message(config, runner.facts)
-        io = EngineIO(args.engine_address, ready, signal_fd=signal_r)
+        io = EngineIO(
+            args.engine_address,
+            ready,
+            signal_fd=signal_r,
+            prepare=pin_pixels if runner.device.type == "cuda" else None,
+        )
     except Exception:  # no client is connected yet: the launcher sees the exit status
         logger.error("engine startup failed:\n%s", traceback.format_exc())
         return 1

@@ -77,6 +77,8 @@ class RunnerFacts:
     num_slots: int  # KV slots, each holding max_model_len tokens
     #: Sequences that may run at once: ``--max-num-seqs``, at most one per KV slot.
     max_num_seqs: int
+    #: Tokens one step may hold (``runner.step_token_budget``).
+    max_num_batched_tokens: int
     supports_images: bool
     supports_embeddings: bool
     supports_generation: bool

@@ -22,6 +22,7 @@ import queue
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,9 +71,18 @@ class EngineIO:
     ``inbox`` is what it reads (requests, aborts, client departures, and SHUTDOWN for a signal
     read from ``signal_fd``)."""
 
-    def __init__(self, address: str, ready: messages.Ready, signal_fd: int | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        ready: messages.Ready,
+        signal_fd: int | None = None,
+        prepare: Callable[[Any], None] | None = None,
+    ) -> None:
+        """``prepare``: applied here to every message for the busy loop before it is queued
+        (work on a message that need not hold up a step, e.g. ``host.pin_pixels``)."""
         self.inbox: queue.SimpleQueue[InboxEvent] = queue.SimpleQueue()
         self._ready = ready
+        self._prepare = prepare
         self._outbox: queue.SimpleQueue[tuple[bytes | None, msgspec.Struct] | None] = (
             queue.SimpleQueue()
         )
@@ -161,6 +171,8 @@ class EngineIO:
                 self._deliver(encoder, client, self._ready)
             else:
                 self._clients.setdefault(client, 0.0)
+                if self._prepare is not None:
+                    self._prepare(msg)
                 self.inbox.put(Inbound(client, msg))
 
     def _send_all(self, encoder: Encoder) -> bool:

@@ -93,7 +93,7 @@ class Scheduler:
         self.facts = facts
         self._validate = validate
         self.max_num_seqs = facts.max_num_seqs
-        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.max_num_batched_tokens = facts.max_num_batched_tokens
         self.max_num_encoder_patches = config.max_num_encoder_patches
         self.enable_chunked_prefill = config.enable_chunked_prefill
         self.allow_priority = config.scheduling_policy == "priority"

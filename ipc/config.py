@@ -33,9 +33,17 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     max_num_seqs: Annotated[
         int, Meta(ge=1, description="most sequences running at once in the engine")
     ] = 64
-    max_num_batched_tokens: Annotated[
-        int, Meta(ge=16, description="token budget of one engine step (prefill chunks + decodes)")
-    ] = 2048
+    max_num_batched_tokens: (
+        Annotated[
+            int,
+            Meta(
+                ge=16,
+                description="token budget of one engine step (prefill chunks + decodes); "
+                "default: 8192 on a GPU of 70 GiB or more, else 2048 (vLLM's serving defaults)",
+            ),
+        ]
+        | None
+    ) = None
     gpu_memory_utilization: Annotated[
         float, Meta(gt=0.0, le=1.0, description="fraction of GPU memory the engine may use")
     ] = 0.9

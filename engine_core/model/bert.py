@@ -15,7 +15,7 @@ from transformers import AutoModel
 
 from engine_core.batch import Chunk, ImageRef, RunnerFacts, StepResult
 from engine_core.model.errors import ModelLoadError
-from engine_core.model.runner import ModelRunner, context_length
+from engine_core.model.runner import ModelRunner, context_length, step_token_budget
 from engine_core.model.spec import ModelSpec
 from ipc.config import EngineConfig
 from ipc.messages import EngineRequest
@@ -49,6 +49,7 @@ class EncoderRunner(ModelRunner):
             eos_token_ids=(),
             num_slots=config.max_num_seqs,
             max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=step_token_budget(config, device),
             supports_images=False,
             supports_embeddings=True,
             supports_generation=False,

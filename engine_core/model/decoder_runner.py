@@ -32,7 +32,7 @@ from engine_core.model.pixels import PixelInput
 from engine_core.model.qwen2 import Decoder
 from engine_core.model.request_state import RequestState
 from engine_core.model.rope import RotaryEmbedding
-from engine_core.model.runner import ModelRunner, context_length
+from engine_core.model.runner import ModelRunner, context_length, step_token_budget
 from engine_core.model.spec import DecoderSpec, ModelSpec
 from engine_core.model.vision import VisionEncoder
 from ipc.config import EngineConfig
@@ -57,6 +57,7 @@ class DecoderRunner(ModelRunner):
         self.device, self.dtype = device, dtype
         self.use_flash = can_use_flash(device, dtype)
         self.max_model_len = context_length(config, self.spec.max_position_embeddings)
+        self.max_num_batched_tokens = step_token_budget(config, device)
         is_fast = self._use_graphs(config)
         self.kernels = Kernels.compiled(device, dtype) if is_fast else Kernels.eager()
         self.decoder, self.vision = self._load(config, model_dir)
@@ -96,6 +97,7 @@ class DecoderRunner(ModelRunner):
             eos_token_ids=self.spec.eos_token_ids,
             num_slots=num_slots,
             max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
             supports_images=self.vision is not None,
             supports_embeddings=True,
             supports_generation=True,

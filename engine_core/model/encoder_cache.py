@@ -68,6 +68,8 @@ class EncoderCache:
             self._drop(key)
 
     def _evict(self) -> None:
+        if self.total_bytes <= self.budget_bytes:  # the usual case: no walk over every key
+            return
         for key in list(self._entries):
             if self.total_bytes <= self.budget_bytes:
                 return

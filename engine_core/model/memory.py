@@ -25,7 +25,7 @@ SAMPLER_ROWS = 8
 def cuda_kv_budget(runner: DecoderRunner, config: EngineConfig, with_graphs: bool) -> int:
     """``gpu_memory_utilization * total`` minus: the peak of weights plus one profiling pass of
     the vision tower over a full encoder budget of patches and one of the decoder over
-    ``max_num_batched_tokens`` (with a one-slot scratch cache that is not counted); memory held
+    the step's token budget (with a one-slot scratch cache that is not counted); memory held
     outside torch's allocator (CUDA context, other processes); the encoder cache's budget; the
     sampler's rows; and the decode graphs (``GRAPH_FIXED_BYTES`` plus their logits)."""
     device = runner.device
@@ -35,7 +35,7 @@ def cuda_kv_budget(runner: DecoderRunner, config: EngineConfig, with_graphs: boo
     with torch.no_grad():
         if runner.vision is not None:
             _profile_vision(runner, config.max_num_encoder_patches)
-        scratch_bytes = _profile_decoder(runner, config)
+        scratch_bytes = _profile_decoder(runner)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - scratch_bytes
     torch.cuda.empty_cache()
@@ -66,9 +66,9 @@ def _profile_vision(runner: DecoderRunner, patches: int) -> None:
     runner.vision.encode([(pixels, grid)])
 
 
-def _profile_decoder(runner: DecoderRunner, config: EngineConfig) -> int:
-    """A forward over ``max_num_batched_tokens``; returns the scratch cache's bytes."""
-    n = min(config.max_num_batched_tokens, runner.max_model_len)
+def _profile_decoder(runner: DecoderRunner) -> int:
+    """A forward over the step's token budget; returns the scratch cache's bytes."""
+    n = min(runner.max_num_batched_tokens, runner.max_model_len)
     device, dtype = runner.device, runner.dtype
     scratch = allocate(runner.spec, 1, n, dtype, device)
     meta = build_meta([0], [0], [n], n, device, runner.use_flash)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from engine_core.batch import Chunk, images_by_offset
@@ -56,21 +57,23 @@ class RequestState:
                     embeds,
                 )
             )
-        self.positions: torch.Tensor | None = None
+        self.positions: np.ndarray | None = None
         self.rope_delta = 0
         if is_mrope:
             spans = [(im.offset, im.length, im.grid_thw) for im in self.images]
             self.positions, self.rope_delta = mrope_positions(self.prompt_len, spans, merge)
 
-    def chunk_positions(self, start: int, n: int) -> torch.Tensor:
+    def chunk_positions(self, start: int, n: int) -> np.ndarray:
         """(3, n) positions of tokens ``start .. start + n`` (prompt or generated)."""
         if self.positions is None:
             return text_positions(start, n)
         split = min(max(start, self.prompt_len), start + n)
-        parts = [self.positions[:, start:split]]
-        if split < start + n:
-            parts.append(text_positions(split, start + n - split, self.rope_delta))
-        return torch.cat(parts, dim=1)
+        if split == start:  # all generated: a decode
+            return text_positions(start, n, self.rope_delta)
+        if split == start + n:
+            return self.positions[:, start:split]
+        tail = text_positions(split, start + n - split, self.rope_delta)
+        return np.concatenate([self.positions[:, start:split], tail], axis=1)
 
     def touched(self, start: int, n: int) -> list[int]:
         """Indices of the images whose placeholders overlap tokens ``start .. start + n``."""

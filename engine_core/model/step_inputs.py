@@ -38,7 +38,7 @@ def positions(
         state.chunk_positions(c.start, int(c.token_ids.size))
         for c, state in zip(chunks, states, strict=True)
     ]
-    return to_device(torch.cat(parts, dim=1).contiguous(), device)
+    return to_device(np.concatenate(parts, axis=1), device)
 
 
 def last_rows(chunks: list[Chunk], device: torch.device) -> torch.Tensor:

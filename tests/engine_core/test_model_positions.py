@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 import skimage.data
 import torch
@@ -42,7 +43,7 @@ def test_positions_match_hf(
     spans = [(m.offset, m.length, m.grid_thw) for m in request.mm_items]
     merge = hf_model.config.vision_config.spatial_merge_size
     positions, delta = mrope_positions(request.prompt_token_ids.size, spans, merge)
-    assert torch.equal(positions, expected[:, 0])
+    assert torch.equal(torch.from_numpy(positions), expected[:, 0])
     assert delta == int(expected_delta)
     if photos:
         assert delta < 0  # an image takes fewer positions than tokens
@@ -59,7 +60,11 @@ def test_text_between_two_images_and_decode_positions(
     assert second.offset > first.offset + first.length  # text tokens lie between them
     state = RequestState(request, EncoderCache(0), 2, is_mrope=True, device=torch.device("cpu"))
     n = request.prompt_token_ids.size
+    assert state.positions is not None
     both = state.chunk_positions(n - 3, 6)  # the prompt's tail and three generated tokens
-    assert torch.equal(both[:, :3], state.positions[:, n - 3 :])
-    expected = torch.arange(n, n + 3) + state.rope_delta
-    assert torch.equal(both[:, 3:], expected.expand(3, -1))
+    assert np.array_equal(both[:, :3], state.positions[:, n - 3 :])
+    expected = np.arange(n, n + 3) + state.rope_delta
+    assert np.array_equal(both[:, 3:], np.broadcast_to(expected, (3, 3)))
+    # A decode (all generated) and a chunk inside the prompt take the same rule.
+    assert np.array_equal(state.chunk_positions(n + 3, 1), both[:, 5:6] + 1)
+    assert np.array_equal(state.chunk_positions(2, 4), state.positions[:, 2:6])

@@ -46,7 +46,12 @@ class FakeRunner:
     """A deterministic stand-in for ModelRunner that validates what the scheduler asks."""
 
     def __init__(
-        self, num_slots: int = 4, max_model_len: int = 256, eos: int = EOS, max_num_seqs: int = 64
+        self,
+        num_slots: int = 4,
+        max_model_len: int = 256,
+        eos: int = EOS,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
     ) -> None:
         self.facts = RunnerFacts(
             model_dir="fake",
@@ -55,6 +60,7 @@ class FakeRunner:
             eos_token_ids=(eos,),
             num_slots=num_slots,
             max_num_seqs=min(num_slots, max_num_seqs),
+            max_num_batched_tokens=max_num_batched_tokens,
             supports_images=False,
             supports_embeddings=True,
             supports_generation=True,
@@ -170,8 +176,9 @@ class Harness:
 
     def __init__(self, clock: list[float] | None = None, **config: object) -> None:
         runner_args = {k: config.pop(k) for k in ("num_slots", "max_model_len") if k in config}
-        if "max_num_seqs" in config:  # the runner's facts hold the effective figure
-            runner_args["max_num_seqs"] = config["max_num_seqs"]
+        for k in ("max_num_seqs", "max_num_batched_tokens"):  # facts hold the effective figures
+            if k in config:
+                runner_args[k] = config[k]
         self.runner = FakeRunner(**runner_args)  # type: ignore[arg-type]
         self.config = EngineConfig(**config)  # type: ignore[arg-type]
         self.outputs: dict[str, list[RequestOutput]] = {}
