@@ -41,6 +41,8 @@ def parse(lines) -> dict[tuple[str, str], collections.Counter]:
         if not raw:
             continue
         path, _, count = raw.rpartition(" ")
+        if not count.isdigit():  # a frame name with a newline in it (a thread's name, say)
+            continue
         process, thread, frames = "?", "?", []
         for frame in path.split(";"):
             if (m := _PROCESS.match(frame)) is not None:
