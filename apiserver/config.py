@@ -39,7 +39,10 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     ] = "auto"
     renderer_num_workers: Annotated[
         Annotated[int, Meta(ge=1, le=64)] | Literal["auto"],
-        Meta(description="preprocessing threads per API server; auto: its share of the cores"),
+        Meta(
+            description="preprocessing threads per API server; auto: its share of the cores, "
+            "at least 2"
+        ),
     ] = "auto"
     api_server_threads: Annotated[
         Annotated[int, Meta(ge=1, le=64)] | Literal["auto"],

@@ -13,9 +13,12 @@ its IO thread each keep about one core busy on a GPU host), then start one API s
 because a server has one GIL-bound thread (HTTP, JSON, base64, the event loop) plus render
 threads that release the GIL while they decode and resize images; on the 16-core host 8
 servers x 2 threads gave 239 req/s where 12 x 1 gave 191 and 14 x 1 141 (NOTES.md). Each
-server then runs ``round(share)`` render workers, and its math libraries
-``share // render workers`` threads (1 in practice: parallelism across requests beats
-parallelism inside one small op).
+server then runs ``round(share)`` render workers but at least ``MIN_RENDER_WORKERS`` (where
+the machine has that many cores): a render holds the GIL for part of its time (PIL to tensor,
+HF's Python glue), so a lone render thread leaves its core idle then, and a second one fills
+it; with 14 servers x 1 worker the default model gave 248 req/s against 275 for 8 x 2
+(bench/results/scaleout.md). Its math libraries get ``share // render workers`` threads (1 in
+practice: parallelism across requests beats parallelism inside one small op).
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ CORES_PER_SERVER = 2
 AUTO_MAX_SERVERS = 32
 #: More servers than this per usable core is refused: they would only share the cores.
 MAX_SERVERS_PER_CORE = 4
+#: ``--renderer-num-workers auto`` gives a server at least this many (see above).
+MIN_RENDER_WORKERS = 2
 #: The most render workers or math threads one server gets, whatever it asks for.
 MAX_THREADS = 64
 
@@ -195,7 +200,7 @@ def plan(config: ServerConfig, cores: int) -> CpuShare:
     share = frontend / count
     workers = _threads(config.renderer_num_workers, "--renderer-num-workers", cores, notes)
     if workers is None:
-        workers = min(max(1, round(share)), MAX_THREADS)
+        workers = min(max(min(MIN_RENDER_WORKERS, cores), round(share)), MAX_THREADS)
     threads = _threads(config.api_server_threads, "--api-server-threads", cores, notes)
     if threads is None:
         threads = min(max(1, math.floor(share / workers)), MAX_THREADS)

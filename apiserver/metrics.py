@@ -25,7 +25,12 @@ GENERATION_TOKENS = Counter("fanin_generation_tokens", "tokens generated")
 TTFT = Histogram("fanin_time_to_first_token_seconds", "time to first token", buckets=_LATENCY)
 E2E = Histogram("fanin_e2e_request_latency_seconds", "request latency", buckets=_LATENCY)
 TPOT = Histogram("fanin_time_per_output_token_seconds", "time per output token", buckets=_FAST)
-RENDER = Histogram("fanin_render_seconds", "preprocessing time per request", buckets=_FAST)
+RENDER = Histogram(
+    "fanin_render_seconds", "preprocessing time per request, on a render thread", buckets=_FAST
+)
+RENDER_QUEUE = Histogram(
+    "fanin_render_queue_seconds", "time a request waited for a render thread", buckets=_FAST
+)
 ENGINE_RUNNING = Gauge(
     "fanin_engine_running", "requests running in the engine", multiprocess_mode="mostrecent"
 )

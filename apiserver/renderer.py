@@ -103,14 +103,22 @@ class Renderer:
                 429, "preprocessing queue is full; retry later", headers={"Retry-After": "1"}
             )
         self._pending += 1
-        start = time.perf_counter()
+        submitted = time.perf_counter()
+
+        def timed() -> T:
+            started = time.perf_counter()
+            metrics.RENDER_QUEUE.observe(started - submitted)
+            try:
+                return fn(*args)
+            finally:
+                metrics.RENDER.observe(time.perf_counter() - started)
+
         try:
             if self._config.preprocess_mode == "inline":
-                return fn(*args)
-            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+                return timed()
+            return await asyncio.get_running_loop().run_in_executor(self._pool, timed)
         finally:
             self._pending -= 1
-            metrics.RENDER.observe(time.perf_counter() - start)
 
     async def render_chat(
         self,

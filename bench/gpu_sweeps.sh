@@ -114,7 +114,7 @@ profile)
         --request-timeout 60 --result-dir "$out/profile" >"$out/profile.stdout" 2>&1 ||
         echo "bench: exit $?"
     kill "$dmon" 2>/dev/null || true
-    grep -E '^\| (request throughput|completed in|TTFT|TPOT|/health|server cores|completed per)' \
+    grep -E '^\| (request throughput|completed in|TTFT|TPOT|/health|server|completed per)' \
         "$out/profile.stdout" || tail -n 20 "$out/profile.stdout"
     pkill -TERM -f fanin-launcher || true
     wait "$spy" || echo "py-spy: exit $?"

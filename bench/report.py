@@ -90,6 +90,7 @@ def run_result(config: BenchConfig, model_name: str, run: RunResult) -> dict[str
         "requests_by_kind": dict(Counter(r.kind for r in measured)),
         "images_sent": sum(1 for r in measured if r.kind == "image") * config.images_per_request,
         "first_errors": sorted({r.error for r in measured if r.error})[:5],
+        "server_stages_ms": run.server_stages_ms,
     }
     cpu: dict[str, Any] = {}
     if run.server_cpu is not None:
@@ -151,6 +152,10 @@ def run_markdown(result: dict[str, Any], command: list[str] | None = None) -> st
         f"{health['failed']} failed) | {_num(health['median_ms'], 2)} / "
         f"{_num(health['p99_ms'], 2)} / {_num(health['max_ms'], 2)} |",
     ]
+    stages = result.get("server_stages_ms") or {}
+    if stages:
+        named = ", ".join(f"{k.replace('_', ' ')} {_num(v, 2)}" for k, v in stages.items())
+        lines.append(f"| server-side means (ms; bench/server_stages.py) | {named} |")
     cpu = result["cpu"]
     if "server_cores_busy" in cpu:
         parts = ", ".join(f"{k} {v:.2f}" for k, v in cpu["server_by_process"].items())

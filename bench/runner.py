@@ -14,7 +14,8 @@ and each request is bounded by ``request_timeout``. Because that tail, with fewe
 flight, is part of vLLM's duration, the completions between the window's opening and the end
 of sending are also counted (bench/metrics.py ``served_in_window``): the steady rate a closed
 loop sees. CPU time of the server's process tree and of this process is sampled when the
-window opens and closes; the /health probe (bench/probe.py) runs while it is open.
+window opens and closes, and so is the server's /metrics (bench/server_stages.py); the /health
+probe (bench/probe.py) runs while it is open.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bench import proc
+from bench import proc, server_stages
 from bench.config import BenchConfig
-from bench.http_client import Client, HttpError, HttpTimeout, request_bytes
+from bench.http_client import Client, HttpError, HttpTimeout, fetch, request_bytes
 from bench.metrics import RequestRecord
 from bench.probe import HealthProbe
 from bench.progress import Progress
@@ -54,6 +55,8 @@ class RunResult:
     server_cpu: tuple[proc.CpuSample, proc.CpuSample] | None = None
     generator_cpu: tuple[proc.CpuSample, proc.CpuSample] | None = None
     num_connects: int = 0
+    #: Server-side mean milliseconds per stage over the window (empty: no fanin /metrics).
+    server_stages_ms: dict[str, float] = field(default_factory=dict)
 
     @property
     def measured(self) -> list[RequestRecord]:
@@ -109,6 +112,7 @@ class Run:
         self._last_measured_end = 0.0
         self._server_cpu: list[proc.CpuSample] = []
         self._generator_cpu: list[proc.CpuSample] = []
+        self._scrapes: list[asyncio.Task[server_stages.Scrape | None]] = []
         self._probe = HealthProbe(target, self._auth, config.health_interval_ms / 1000)
         seconds = config.warmup_seconds + config.duration
         self._progress = Progress(len(workload), seconds, config.progress)
@@ -149,6 +153,7 @@ class Run:
                 with contextlib.suppress(asyncio.CancelledError):
                     await prober
             self._client.close()
+            scrapes = await asyncio.gather(*self._scrapes)
             self._progress.update("done", self._finished, self._failed, force=True)
             self._progress.close()
         if not self._window_open.is_set() or not any(not r.is_warmup for r in self._records):
@@ -160,6 +165,9 @@ class Run:
             )
         cpu = self._server_cpu
         gen = self._generator_cpu
+        stages = {}
+        if len(scrapes) == 2 and scrapes[0] is not None and scrapes[1] is not None:
+            stages = server_stages.means_ms(scrapes[0], scrapes[1])
         return RunResult(
             records=self._records,
             window_start=self._window_start,
@@ -171,6 +179,7 @@ class Run:
             server_cpu=(cpu[0], cpu[1]) if len(cpu) == 2 else None,
             generator_cpu=(gen[0], gen[1]) if len(gen) == 2 else None,
             num_connects=self._client.num_connects,
+            server_stages_ms=stages,
         )
 
     async def _send_all(self) -> None:
@@ -241,6 +250,7 @@ class Run:
         if self.server_root is not None:
             self._server_cpu.append(proc.tree_cpu(self.server_root))
         self._generator_cpu.append(proc.self_cpu())
+        self._scrapes.append(asyncio.ensure_future(self._scrape()))
         self._window_open.set()
 
     def _close_window(self) -> None:
@@ -250,7 +260,19 @@ class Run:
         if self.server_root is not None and self._server_cpu:
             self._server_cpu.append(proc.tree_cpu(self.server_root))
         self._generator_cpu.append(proc.self_cpu())
+        self._scrapes.append(asyncio.ensure_future(self._scrape()))
         self._window_closed.set()
+
+    async def _scrape(self) -> server_stages.Scrape | None:
+        """The server's /metrics histograms now; None where it has none (not fanin, an error)."""
+        client = Client(self.target, keep_alive=False)
+        try:
+            status, body = await fetch(client, "/metrics", self._auth, timeout=5.0)
+        except HttpError:
+            return None
+        finally:
+            client.close()
+        return server_stages.parse(body.decode(errors="replace")) if status == 200 else None
 
     async def _tick(self) -> None:
         while True:

@@ -110,14 +110,15 @@ def _plan(cores: int, **flags: object) -> CpuShare:
     [
         # auto everywhere: 2 cores to the engine, one server per 2 of the rest.
         (16, {}, (2, 7, 2, 1)),
-        (2, {}, (1, 1, 1, 1)),
+        # at least two render workers, where there are two cores
+        (2, {}, (1, 1, 2, 1)),
         (1, {}, (0, 1, 1, 1)),
         (200, {}, (2, 32, 6, 1)),
         # one process with threads: every core left becomes a render worker.
         (16, {"api_server_count": 1}, (2, 1, 14, 1)),
         # fewer workers than the share: the math libraries get the rest.
         (16, {"api_server_count": 1, "renderer_num_workers": 2}, (2, 1, 2, 7)),
-        (16, {"api_server_count": 14}, (2, 14, 1, 1)),
+        (16, {"api_server_count": 14}, (2, 14, 2, 1)),
         (16, {"engine_cpu_cores": 0, "api_server_count": 4}, (0, 4, 4, 1)),
         (16, {"api_server_threads": 3}, (2, 7, 2, 3)),
     ],
