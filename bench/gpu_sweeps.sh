@@ -42,6 +42,7 @@ export PYTHONUNBUFFERED=1
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
     $py -c "import os, torch, transformers; print('torch', torch.__version__, 'transformers',
 transformers.__version__, 'cores', len(os.sched_getaffinity(0)))" || true
+    lscpu | grep -E '^(Model name|Thread\(s\) per core|Core\(s\) per socket|Socket\(s\))' || true
 } | tee "$out/gpu.txt"
 
 images=(--max-concurrency 64 --image-size 1024x768 --output-len 16 --ignore-eos --no-progress)
