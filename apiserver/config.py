@@ -75,10 +75,10 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             ge=0,
             description="seconds a new request may expect to wait before it runs (the host's "
             "pending requests over the rate the engine has been draining them); above it, "
-            "429 (0: no such limit). 1 s: an admitted request's TTFT stays within about twice "
-            "its value at the saturating rate (2 s let 2x overload triple it, overload.md)",
+            "429 (0: no such limit). Lower bounds an admitted request's TTFT under overload "
+            "more tightly but refuses some of a closed loop's bursts (bench/results/overload.md)",
         ),
-    ] = 1.0
+    ] = 2.0
     max_queued_tokens: Annotated[
         int,
         Meta(ge=1, description="prompt tokens waiting in the engine before new requests get 429"),

@@ -23,7 +23,9 @@
 #             servers, for 4 x auto, inline 1x1 and pool 1x14, with a 10 s client timeout.
 #
 # Usage: bench/gpu_sweeps.sh PART OUT_DIR
-#   env: BUDGET_S (whole command, default 540), PYTHON (python3)
+#   env: BUDGET_S (whole command, default 540), PYTHON (python3), SERVE_FLAGS (added to every
+#   `fanin serve` of a sweep, e.g. "--max-queue-wait 1"), SWEEP_NAME (the overload sweep's
+#   result folder, default overload), OVERLOAD_CONFIGS (its configurations)
 # Needs the repo root on PYTHONPATH (no install). Writes OUT_DIR/gpu.txt and one folder per
 # sweep (sweep.json, sweep.md ready to paste, sweep.png, the servers' logs).
 set -euo pipefail
@@ -52,7 +54,8 @@ sweep() {
     shift 2
     echo "== $name ($(left) s left)"
     $py -m apiserver.launch.cli bench sweep "$model" "${images[@]}" "$@" --result-dir "$out/$name" \
-        >"$out/$name.stdout" 2>"$out/$name.stderr" || echo "$name: exit $?"
+        ${SERVE_FLAGS:+-- $SERVE_FLAGS} >"$out/$name.stdout" 2>"$out/$name.stderr" ||
+        echo "$name: exit $?"
     sed -n '/^| config | req\/s/,/^$/p; /^| config | offered/,/^$/p' "$out/$name/sweep.md" || true
 }
 build_2b() { timeout 180 $py bench/qwen2vl_2b.py "$work/2b" >/dev/null; }
@@ -131,9 +134,9 @@ profile)
     fi
     ;;
 overload)
-    sweep overload "$work/default" --rate-multiples 1 2 --warmup-seconds 2 --duration 8 \
+    sweep "${SWEEP_NAME:-overload}" "$work/default" --rate-multiples 1 2 --warmup-seconds 2 --duration 8 \
         --num-prompts 20000 --request-timeout 10 --server-start-timeout 120 \
-        --time-budget "$(left)" --configs 4xauto inline:1x1 pool:1x14
+        --time-budget "$(left)" --configs ${OVERLOAD_CONFIGS:-4xauto inline:1x1 pool:1x14}
     ;;
 *)
     echo "unknown part $part (baseline, scaleout, vl, profile, overload)" >&2
