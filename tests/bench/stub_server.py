@@ -23,6 +23,7 @@ class Stub:
     url: str = ""
     bodies: list[bytes] = field(default_factory=list)
     health_hits: int = 0
+    metrics_hits: int = 0
     connections: int = 0
     _server: asyncio.Server | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -75,6 +76,12 @@ class Stub:
         if path == "/health":
             self.health_hits += 1
             await _json(writer, "200 OK", common, b'{"status":"ok"}')
+            return keep
+        if path == "/metrics":  # one render histogram whose every observation took 10 ms
+            self.metrics_hits += 1
+            n = self.metrics_hits
+            text = f"fanin_render_seconds_sum {0.01 * n}\nfanin_render_seconds_count {n}\n"
+            await _json(writer, "200 OK", common, text.encode())
             return keep
         self.bodies.append(body)
         if self.reject_every and len(self.bodies) % self.reject_every == 0:

@@ -57,6 +57,8 @@ def test_closed_loop_counts_429s_and_streams() -> None:
     # Keep-alive: far fewer connections than requests, though the stub closes some.
     assert 3 <= run.num_connects < 24
     assert run.health_s and run.health_failed == 0 and stub.health_hits == len(run.health_s)
+    # /metrics read when the window opened and when it closed: the stub's 10 ms renders.
+    assert stub.metrics_hits == 2 and run.server_stages_ms == {"render": 10.0}
     result = run_result(_config(), "stub", run)
     m = result["metrics"]
     assert (m["completed"], m["failed"], m["rate_limited"]) == (18, 6, 6)
