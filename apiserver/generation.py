@@ -56,6 +56,9 @@ async def generate(
                 if item.new_token_ids and first_token_at is None:
                     first_token_at = time.perf_counter()
                     metrics.TTFT.observe(first_token_at - start)
+                    if item.queue_time is not None and item.prefill_time is not None:
+                        metrics.ENGINE_QUEUE.observe(item.queue_time)
+                        metrics.ENGINE_PREFILL.observe(item.prefill_time)
                 text = detok.push(item.new_token_ids)
                 reason = "stop" if detok.stopped else item.finish_reason
                 if reason is not None:

@@ -31,6 +31,16 @@ RENDER = Histogram(
 RENDER_QUEUE = Histogram(
     "fanin_render_queue_seconds", "time a request waited for a render thread", buckets=_FAST
 )
+ENGINE_QUEUE = Histogram(
+    "fanin_engine_queue_seconds",
+    "time a request waited in the engine's queue before its first step",
+    buckets=_FAST,
+)
+ENGINE_PREFILL = Histogram(
+    "fanin_engine_prefill_seconds",
+    "time from a request's first engine step to its first token (encoding, prefill)",
+    buckets=_FAST,
+)
 ENGINE_RUNNING = Gauge(
     "fanin_engine_running", "requests running in the engine", multiprocess_mode="mostrecent"
 )

@@ -1,9 +1,10 @@
 """Where a request's time went inside fanin: means over the measured window of the server's
 own histograms, from ``/metrics`` read when the window opens and when it closes.
 
-A client's TTFT beside the server's says what the network and accept queue added; the server's
-TTFT beside its render queue and render times says what was left to the engine (the IPC hop,
-waiting for a step, encoding, prefill). Servers without these metrics give nothing.
+The server's TTFT starts when a rendered request goes to the engine: beside the client's, with
+the render queue and render times, it says what came before rendering (HTTP, the body, media);
+beside the engine's queue and prefill times (reported by the engine with each first token), what
+the hop to the engine and back took. Servers without these metrics give nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ STAGES = {
     "render_queue": "fanin_render_queue_seconds",
     "render": "fanin_render_seconds",
     "ttft": "fanin_time_to_first_token_seconds",
+    "engine_queue": "fanin_engine_queue_seconds",
+    "engine_prefill": "fanin_engine_prefill_seconds",
     "e2e": "fanin_e2e_request_latency_seconds",
 }
 

@@ -188,6 +188,8 @@ class Scheduler:
             self.waiting.pop(0)
             seq.status = SequenceStatus.RUNNING
             seq.slot = self._free_slots.pop()
+            if seq.scheduled_at is None:
+                seq.scheduled_at = time.perf_counter()
             self.running.append(seq)
             self.num_admitted += 1
             budget -= self._add_chunk(step, seq, fitted)
@@ -227,6 +229,9 @@ class Scheduler:
                 token, token_logprobs = draw
                 seq.append_token(token)
                 out.new_token_ids = [token]
+                if seq.num_output_tokens == 1 and seq.scheduled_at is not None:
+                    out.queue_time = seq.scheduled_at - seq.added_at
+                    out.prefill_time = time.perf_counter() - seq.scheduled_at
                 out.logprobs = None if token_logprobs is None else [token_logprobs]
                 reason = self._finish_reason(seq, token)
                 if reason is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import math
+import time
 
 import numpy as np
 import torch
@@ -47,6 +48,8 @@ class Sequence:
         "stop_ids",
         "stop_id_array",
         "_buffer",
+        "added_at",
+        "scheduled_at",
     )
 
     def __init__(self, request: EngineRequest, client: bytes, order: int) -> None:
@@ -78,6 +81,10 @@ class Sequence:
         #: Generator of a seeded request, made by the sampler on its device at the first draw
         #: and kept (also across preemption), so the draws do not depend on the batch.
         self.generator: torch.Generator | None = None
+        #: ``time.perf_counter()`` when the scheduler took the request, and when it first ran
+        #: (``RequestOutput.queue_time`` / ``prefill_time``).
+        self.added_at = time.perf_counter()
+        self.scheduled_at: float | None = None
         # A client may send many stop token ids: the set (the scheduler's finish check) and
         # the index array (the sampler's min_tokens ban) are built once here, not every step.
         stop = request.sampling.stop_token_ids if request.sampling is not None else []

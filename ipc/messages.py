@@ -197,6 +197,10 @@ class RequestOutput(_Msg):
     logprobs: list[TokenLogprobs] | None = None
     embedding: np.ndarray | None = None
     error: RequestError | None = None
+    #: On a request's first token only: seconds from the engine's scheduler taking it to its
+    #: first step, and from that step to the token (encoding and prefill included).
+    queue_time: float | None = None
+    prefill_time: float | None = None
 
 
 class OutputBatch(_Msg):

@@ -255,6 +255,24 @@ def test_budget_respected_and_all_finish() -> None:
     assert h.scheduler.stats()["num_free_slots"] == 4
 
 
+def test_first_token_carries_queue_and_prefill_times() -> None:
+    """The engine's part of TTFT, split: the wait for a first step (here: a whole step, the
+    only slot being taken) and the time from it to the first token; later tokens carry none."""
+    h = Harness(max_num_seqs=1, num_slots=1)
+    h.add("a", 8, max_tokens=3, ignore_eos=True)
+    h.add("b", 8, max_tokens=2, ignore_eos=True)
+    h.run()
+    for rid in ("a", "b"):
+        first, *rest = [o for o in h.outputs[rid] if o.new_token_ids]
+        assert first.queue_time is not None and first.prefill_time is not None
+        assert first.queue_time >= 0 and first.prefill_time > 0
+        assert all(o.queue_time is None and o.prefill_time is None for o in rest)
+    first_b = next(o for o in h.outputs["b"] if o.new_token_ids)
+    first_a = next(o for o in h.outputs["a"] if o.new_token_ids)
+    assert first_b.queue_time is not None and first_a.queue_time is not None
+    assert first_b.queue_time > first_a.queue_time  # b waited for a's slot
+
+
 def test_chunked_prefill_splits_and_resumes() -> None:
     h = Harness(max_num_batched_tokens=32)
     h.add("long", 100, max_tokens=3, ignore_eos=True)
