@@ -23,7 +23,6 @@ served.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 
 from apiserver.config import ServerConfig
@@ -48,7 +47,13 @@ class DrainRate:
     admission per window) is measured too. While a window waits for its first admission the
     rate cannot be above one per the time waited, and the estimate is held to that bound: an
     engine that stopped admitting must not look fast. Idle time (no queue) says nothing of
-    the engine's capacity: it ends the open window unmeasured."""
+    the engine's capacity: it ends the open window unmeasured.
+
+    Time is the arrival of the snapshot the count came from, not the clock: a server whose
+    requests are all rendering gets no output batch for a while, and its stale count must not
+    read as an engine that stopped (that held the estimate to 2 a second under Poisson load
+    that the engine drained at 270). A stopped engine still shows: its IO thread heartbeats
+    every 0.5 s with the count unchanged."""
 
     def __init__(self) -> None:
         self.per_s: float | None = None
@@ -91,22 +96,21 @@ class Admission:
     def __init__(
         self,
         config: ServerConfig,
-        engine_load: Callable[[], EngineLoad],
+        engine_load: Callable[[], tuple[EngineLoad, float]],
         num_sent: Callable[[], int],
         renders_full: Callable[[], bool],
         table: LoadTable,
         row: int,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """``num_sent``: this server's requests in the engine; ``table``/``row``: the shared
-        load table and this server's row in it."""
+        """``engine_load``: the engine's latest load snapshot and when it arrived
+        (``time.monotonic()``); ``num_sent``: this server's requests in the engine;
+        ``table``/``row``: the shared load table and this server's row in it."""
         self._config = config
         self._engine_load = engine_load
         self._num_sent = num_sent
         self._renders_full = renders_full
         self._table = table
         self._row = row
-        self._clock = clock
         self.drain = DrainRate()
         self.inflight = 0
 
@@ -123,7 +127,8 @@ class Admission:
     def check(self) -> None:
         """Raise ApiError(429) if a new request would pass a limit now."""
         config = self._config
-        load, pending = self._engine_load(), self.refresh()
+        pending = self.refresh()
+        load = self._engine_load()[0]
         if self.inflight >= config.max_inflight_requests:
             raise self._busy(f"server has {self.inflight} requests in flight", 1)
         if self._renders_full():
@@ -151,9 +156,9 @@ class Admission:
         reach the engine, between admissions, so the server's tick (every 0.1 s) calls this
         too: the drain rate is measured whether or not new requests arrive."""
         self._table.publish_pending(self._row, max(0, self.inflight - self._num_sent()))
-        load = self._engine_load()
+        load, arrived = self._engine_load()
         pending = load.num_waiting + self._table.total_pending()
-        self.drain.observe(load.num_admitted, pending > 0, self._clock())
+        self.drain.observe(load.num_admitted, pending > 0, arrived)
         return pending
 
     @staticmethod

@@ -47,7 +47,7 @@ class _Engine:
     def __init__(self, sock: zmq.asyncio.Socket) -> None:
         self.sock = sock
         self.load = EngineLoad()
-        self.last_seen = time.monotonic()
+        self.load_at = self.last_seen = time.monotonic()
         self.is_up = True
         self.num_outstanding = 0
         #: Set while a re-handshake waits for the engine's READY.
@@ -103,9 +103,15 @@ class EngineClient:
     @property
     def load(self) -> EngineLoad:
         """The load snapshot of the least loaded engine (what admission control compares)."""
+        return self.load_snapshot[0]
+
+    @property
+    def load_snapshot(self) -> tuple[EngineLoad, float]:
+        """``load`` and when it arrived (``time.monotonic()``)."""
         if not self._engines:
-            return EngineLoad()
-        return min((e.load for e in self._engines), key=lambda x: x.num_waiting)
+            return EngineLoad(), time.monotonic()
+        engine = min(self._engines, key=lambda e: e.load.num_waiting)
+        return engine.load, engine.load_at
 
     @property
     def num_streams(self) -> int:
@@ -184,7 +190,7 @@ class EngineClient:
                     log.error("dropping malformed message from the engine: %s", exc)
                     continue
                 if isinstance(msg, messages.OutputBatch):
-                    engine.load = msg.load
+                    engine.load, engine.load_at = msg.load, engine.last_seen
                     metrics.ENGINE_RUNNING.set(msg.load.num_running)
                     metrics.ENGINE_WAITING.set(msg.load.num_waiting)
                     metrics.ENGINE_KV_USAGE.set(msg.load.kv_usage)

@@ -204,7 +204,7 @@ async def _serve(
     name = config.served_model_name or os.path.basename(os.path.normpath(ready.model))
     admission = Admission(
         config,
-        lambda: client.load,
+        lambda: client.load_snapshot,
         lambda: client.num_streams,
         lambda: renderer.is_full,
         balancer.table,

@@ -27,12 +27,11 @@ class Host:
         self.servers = [
             Admission(
                 self.config,
-                lambda: self.load,
+                lambda: (self.load, self.now),
                 lambda i=i: self.sent[i],
                 lambda: self.renders_full,
                 self.table,
                 i,
-                clock=lambda: self.now,
             )
             for i in range(2)
         ]
@@ -143,3 +142,19 @@ def test_a_slow_drain_is_measured_and_a_stalled_one_is_not_taken_for_fast() -> N
         drain.observe(5, True, tick / 10)
     assert drain.per_s is not None and drain.per_s <= 1 / 10
     assert drain.seconds_for(3) is not None and drain.seconds_for(3) >= 30
+
+
+def test_a_stale_snapshot_is_not_taken_for_a_stopped_engine() -> None:
+    """A server whose requests are all rendering gets no output batch for a while: observing
+    the same snapshot again (the 0.1 s ticks) says nothing; the engine's heartbeats, with the
+    count unchanged, do say it stopped."""
+    drain = DrainRate()
+    drain.observe(0, True, 0.0)
+    drain.observe(100, True, 1.0)
+    assert drain.per_s == pytest.approx(100.0)
+    for _ in range(30):  # three seconds of ticks, no new snapshot
+        drain.observe(100, True, 1.0)
+    assert drain.per_s == pytest.approx(100.0)
+    for t in (1.5, 2.0, 2.5):  # heartbeats: no admission for a second and a half
+        drain.observe(100, True, t)
+    assert drain.per_s is not None and drain.per_s <= 1.0

@@ -101,7 +101,12 @@ def test_unexpected_exceptions_are_openai_500s() -> None:
         api_key=None,
         max_body_bytes=1024,
         admission=Admission(
-            ServerConfig(), EngineLoad, lambda: 0, lambda: False, LoadTable.private(), 0
+            ServerConfig(),
+            lambda: (EngineLoad(), 0.0),
+            lambda: 0,
+            lambda: False,
+            LoadTable.private(),
+            0,
         ),
     )
 
