@@ -63,6 +63,7 @@ class EngineCore:
                 if not self._handle(event):
                     return
             stalled = not self.pipeline.advance() and self.scheduler.has_work()
+            self.pipeline.stats.maybe_log(len(self.scheduler.running), len(self.scheduler.waiting))
             if stalled:
                 # Nothing could be scheduled although requests wait: a bug, not a state to
                 # spin in. Say so and look again when something arrives (or shortly).

@@ -19,6 +19,7 @@ which folds a request's known tokens into its prompt, first drains the step in f
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -30,6 +31,7 @@ from engine_core.model.host import HostCopy
 from engine_core.sampler import Sampler, SamplerOutput, is_plain_greedy
 from engine_core.scheduler import ScheduledStep, Scheduler
 from engine_core.sequence import Sequence
+from engine_core.step_stats import StepStats
 from ipc.messages import EngineRequest, TokenLogprobs
 
 
@@ -75,6 +77,8 @@ class Pipeline:
         self._runner = runner
         self._sampler = sampler
         self._in_flight: _InFlight | None = None
+        self.stats = StepStats()
+        self._waited_s = 0.0  # this advance's wait for results on the device
 
     @property
     def is_busy(self) -> bool:
@@ -84,6 +88,7 @@ class Pipeline:
     def advance(self) -> bool:
         """Schedule and queue the next step, then resolve the one before it. False when there
         was nothing to do."""
+        started, self._waited_s = time.perf_counter(), 0.0
         if self._in_flight is not None and self.scheduler.needs_sync():
             self.drain()
         step = self.scheduler.schedule()
@@ -93,6 +98,7 @@ class Pipeline:
         if queued is not None:
             self._finish_queueing(queued)
             self._in_flight = queued
+            self.stats.record(step, time.perf_counter() - started, self._waited_s)
         return queued is not None or resolved
 
     def drain(self) -> None:
@@ -131,7 +137,9 @@ class Pipeline:
 
     def _resolve(self, item: _InFlight) -> None:
         assert item.copy is not None
+        waiting = time.perf_counter()
         host = item.copy.wait()
+        self._waited_s += time.perf_counter() - waiting
         tokens: list[int] = []
         logprobs: list[TokenLogprobs | None] = []
         used = 0
