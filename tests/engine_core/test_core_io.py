@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +34,13 @@ LONG = 1_000_000
 class Engine:
     """EngineCore + EngineIO on a FakeRunner, the loop in a thread."""
 
-    def __init__(self, run_dir: Path, runner: FakeRunner) -> None:
+    def __init__(
+        self, run_dir: Path, runner: FakeRunner, prepare: Callable[[Any], None] | None = None
+    ) -> None:
         self.address = engine_address(str(run_dir))
         self.config = EngineConfig()
-        self.io = EngineIO(self.address, ready_message(self.config, runner.facts))
+        ready = ready_message(self.config, runner.facts)
+        self.io = EngineIO(self.address, ready, prepare=prepare)
         self.core = EngineCore(self.config, runner, Sampler(0, runner.device), self.io)  # type: ignore[arg-type]
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -65,6 +68,10 @@ def ctx() -> Iterator[zmq.Context[Any]]:
 def engine(tmp_path: Path, ctx: zmq.Context[Any]) -> Iterator[Engine]:
     eng = Engine(tmp_path, FakeRunner(num_slots=4, max_model_len=2 * LONG))
     yield eng
+    _stop(eng, ctx)
+
+
+def _stop(eng: Engine, ctx: zmq.Context[Any]) -> None:
     if eng.thread.is_alive():
         closer = Client(ctx, eng.address, 99, POLL_MS)
         closer.send(messages.Shutdown("test over"))
@@ -95,6 +102,29 @@ def test_handshake_outputs_and_utilities(engine: Engine, ctx: zmq.Context[Any]) 
     assert client.utility("stats")["num_free_slots"] == 4
     assert client.utility("reset_encoder_cache") == {}
     client.close()
+
+
+def test_prepare_runs_in_the_io_thread_first(tmp_path: Path, ctx: zmq.Context[Any]) -> None:
+    """``prepare`` (the engine pins image pixels there) sees every message for the busy loop,
+    on the IO thread, before the loop does; HELLO, which the IO thread answers, it does not."""
+    seen: list[tuple[str, str]] = []
+
+    def prepare(msg: Any) -> None:
+        seen.append((type(msg).__name__, threading.current_thread().name))
+
+    eng = Engine(tmp_path, FakeRunner(num_slots=4), prepare)
+    try:
+        client = Client(ctx, eng.address, 0, POLL_MS)
+        client.hello()
+        client.send(request("p", 6, max_tokens=2))
+        got = client.collect({"p"})
+        assert [t for o in got["p"] for t in o.new_token_ids] == expected_tokens(6, "p", 2)
+        assert ("EngineRequest", "engine-io") in seen
+        assert all(name == "engine-io" for _, name in seen)
+        assert not any(kind == "Hello" for kind, _ in seen)
+        client.close()
+    finally:
+        _stop(eng, ctx)
 
 
 def test_corrupt_frames_and_bad_requests_do_not_kill(engine: Engine, ctx: zmq.Context[Any]) -> None:
