@@ -80,5 +80,10 @@ def test_a_full_queue_is_refused_by_every_server_with_a_measured_retry_after(
     assert max(int(r.headers["retry-after"]) for r in waits) >= 2
     for thread in backlog:
         thread.join(180)
-    assert [a.status_code for a in answers] == [200] * len(backlog)
+    # The backlog is let in, except where the drain rate was measured before all of it came:
+    # then the queue-wait limit refuses the rest of it too (how much gets in is a race).
+    statuses = [a.status_code for a in answers]
+    assert len(answers) == len(backlog) and 200 in statuses, statuses
+    for answer in answers:
+        assert answer.status_code == 200 or "s of work" in answer.json()["error"]["message"]
     assert _post(fanin, 1).status_code == 200  # drained: admitted again
