@@ -101,13 +101,9 @@ class EngineClient:
         return self.ready is not None and self.dead_reason is None
 
     @property
-    def load(self) -> EngineLoad:
-        """The load snapshot of the least loaded engine (what admission control compares)."""
-        return self.load_snapshot[0]
-
-    @property
     def load_snapshot(self) -> tuple[EngineLoad, float]:
-        """``load`` and when it arrived (``time.monotonic()``)."""
+        """The load snapshot of the least loaded engine (what admission control compares)
+        and when it arrived (``time.monotonic()``)."""
         if not self._engines:
             return EngineLoad(), time.monotonic()
         engine = min(self._engines, key=lambda e: e.load.num_waiting)

@@ -18,8 +18,9 @@ LOG_EVERY_S = 10.0
 
 
 class StepStats:
-    def __init__(self, clock: float | None = None) -> None:
-        self._since = time.perf_counter() if clock is None else clock
+    def __init__(self, since: float | None = None) -> None:
+        """``since``: when the first interval starts (``time.perf_counter()``; default: now)."""
+        self._since = time.perf_counter() if since is None else since
         self._reset()
 
     def _reset(self) -> None:

@@ -17,7 +17,7 @@ def _chunk(n: int) -> Chunk:
 
 
 def test_rates_over_the_interval_and_silence_when_idle() -> None:
-    stats = StepStats(clock=0.0)
+    stats = StepStats(since=0.0)
     step = ScheduledStep([_chunk(1), _chunk(1), _chunk(100)], [], [])
     for _ in range(20):
         stats.record(step, busy_s=0.005, wait_s=0.001)
@@ -34,7 +34,7 @@ def test_rates_over_the_interval_and_silence_when_idle() -> None:
 
 @pytest.mark.parametrize("images", [0, 3])
 def test_images_per_second(images: int) -> None:
-    stats = StepStats(clock=0.0)
+    stats = StepStats(since=0.0)
     request = EngineRequest("r", np.zeros(8, dtype=np.int32))
     stats.record(ScheduledStep([], [], [ImageRef(request, i) for i in range(images)]), 0.01, 0)
     line = stats.maybe_log(0, 0, now=LOG_EVERY_S)
