@@ -10,9 +10,13 @@ thread, rendering, on the wire, or in the engine's waiting queue. The limits, ch
 3. the host's pending requests (``--max-pending-requests``): each API server publishes its own
    not-yet-sent ones in the shared load table, and the engine's queue arrives with every output
    batch and heartbeat, so the limit holds over all N servers without asking the engine;
-4. the wait a new request can expect (``--max-queue-wait``): the host's pending requests over
-   the rate the engine has been draining them, measured while there was a queue to drain (an
-   idle host says nothing of its capacity, so idle time leaves the estimate alone);
+4. the wait a new request can expect before its work starts (``--max-queue-wait``): the
+   requests queued ahead of it (waiting for a render thread on any server, or in the engine's
+   waiting queue) over the rate the engine has been admitting requests, measured while there
+   was a queue (a host below capacity says nothing of it, so such time leaves the estimate
+   alone). Requests being rendered are in service, not queued:
+   counting them refused a closed loop of 4 clients on a 2-core host, whose renders take half
+   a second each, for "2.2 s of work" with nothing queued at all;
 5. prompt tokens waiting in the engine (``--max-queued-tokens``).
 
 ``Retry-After`` is the time the measured drain rate needs to make room (at least 1 s, at most
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Protocol
 
 from apiserver.config import ServerConfig
 from apiserver.errors import ApiError
@@ -42,12 +47,19 @@ class DrainRate:
     """Requests per second the engine starts running while the host has a queue, from the
     engine's cumulative ``num_admitted`` (robust to snapshots that never arrived).
 
-    A window opens when a queue is seen and closes at the first admission at least
-    ``DRAIN_WINDOW_S`` later, so a slow drain (requests that run for seconds, fewer than one
-    admission per window) is measured too. While a window waits for its first admission the
-    rate cannot be above one per the time waited, and the estimate is held to that bound: an
-    engine that stopped admitting must not look fast. Idle time (no queue) says nothing of
-    the engine's capacity: it ends the open window unmeasured.
+    Only a queue shows capacity: while requests wait for a render thread or in the engine's
+    waiting queue, some stage runs flat out and the engine admits at the host's rate. Without
+    one the host is below capacity, and a window would measure arrivals, or a pipeline
+    filling (the first requests after idle time render and prefill before any is admitted:
+    timing that gave 1.8 a second on a 2-core host that drains 5). So idle time ends the open
+    window unmeasured, and a window opens at the first snapshot that arrives after a queue is
+    seen, not at the one current when it appeared (up to a heartbeat of idle time old).
+
+    A window closes at the first admission at least ``DRAIN_WINDOW_S`` after it opened, so a
+    slow drain (requests that run for seconds, fewer than one admission per window) is
+    measured too. While a window waits for its first admission the rate cannot be above one
+    per the time waited, and the estimate is held to that bound: an engine that stopped
+    admitting must not look fast.
 
     Time is the arrival of the snapshot the count came from, not the clock: a server whose
     requests are all rendering gets no output batch for a while, and its stale count must not
@@ -57,15 +69,20 @@ class DrainRate:
 
     def __init__(self) -> None:
         self.per_s: float | None = None
-        self._since: float | None = None  # the open window's start; None: no queue seen
+        self._since: float | None = None  # the open window's start; None: none open
+        self._idle_at: float | None = None  # the snapshot current when no queue was seen
         self._admitted = 0
 
     def observe(self, admitted: int, backlogged: bool, now: float) -> None:
-        """Note the engine's count and whether requests are pending now."""
-        if not backlogged or self._since is None or admitted < self._admitted:
-            # Idle, a first queue, or a new engine (its count starts from 0 again).
-            self._since = now if backlogged else None
-            self._admitted = admitted
+        """Note the engine's count (from the snapshot that arrived at ``now``) and whether
+        requests are queued."""
+        if not backlogged or admitted < self._admitted:
+            # Idle, or a new engine (its count starts from 0 again).
+            self._since, self._idle_at, self._admitted = None, now, admitted
+            return
+        if self._since is None:
+            if now != self._idle_at:
+                self._since, self._admitted = now, admitted
             return
         elapsed = now - self._since
         if elapsed < DRAIN_WINDOW_S:
@@ -90,6 +107,18 @@ class DrainRate:
         return requests / self.per_s
 
 
+class RenderQueue(Protocol):
+    """What admission reads of this server's renderer."""
+
+    @property
+    def is_full(self) -> bool: ...
+
+    @property
+    def queued(self) -> int:
+        """Renders waiting for a thread."""
+        ...
+
+
 class Admission:
     """Counts this server's in-flight requests and checks the limits on each new one."""
 
@@ -98,7 +127,7 @@ class Admission:
         config: ServerConfig,
         engine_load: Callable[[], tuple[EngineLoad, float]],
         num_sent: Callable[[], int],
-        renders_full: Callable[[], bool],
+        renders: RenderQueue,
         table: LoadTable,
         row: int,
     ) -> None:
@@ -108,7 +137,7 @@ class Admission:
         self._config = config
         self._engine_load = engine_load
         self._num_sent = num_sent
-        self._renders_full = renders_full
+        self._renders = renders
         self._table = table
         self._row = row
         self.drain = DrainRate()
@@ -127,19 +156,19 @@ class Admission:
     def check(self) -> None:
         """Raise ApiError(429) if a new request would pass a limit now."""
         config = self._config
-        pending = self.refresh()
+        pending, queued = self.refresh()
         load = self._engine_load()[0]
         if self.inflight >= config.max_inflight_requests:
             raise self._busy(f"server has {self.inflight} requests in flight", 1)
-        if self._renders_full():
+        if self._renders.is_full:
             raise self._busy("preprocessing queue is full", 1)
         if pending >= config.max_pending_requests:
             excess = pending - config.max_pending_requests + 1
             raise self._busy(f"{pending} requests are waiting", self.drain.seconds_for(excess))
-        wait = self.drain.seconds_for(pending)
+        wait = self.drain.seconds_for(queued)
         if config.max_queue_wait > 0 and wait is not None and wait > config.max_queue_wait:
             raise self._busy(
-                f"{pending} requests are waiting, about {wait:.1f} s of work",
+                f"{queued} requests wait to start, about {wait:.1f} s of work",
                 wait - config.max_queue_wait,
             )
         if load.num_waiting_tokens >= config.max_queued_tokens:
@@ -150,16 +179,18 @@ class Admission:
                 self.drain.seconds_for(excess / per_request),
             )
 
-    def refresh(self) -> int:
-        """Publish this server's pending requests for every server's limit 3, feed the drain
-        rate, and return the host's pending requests. Requests also stop pending when they
-        reach the engine, between admissions, so the server's tick (every 0.1 s) calls this
-        too: the drain rate is measured whether or not new requests arrive."""
-        self._table.publish_pending(self._row, max(0, self.inflight - self._num_sent()))
+    def refresh(self) -> tuple[int, int]:
+        """Publish this server's pending and queued requests for every server's limits 3 and
+        4, feed the drain rate, and return the host's pending and queued requests. Requests
+        also stop pending when they reach the engine, between admissions, so the server's tick
+        (every 0.1 s) calls this too: the drain rate is measured whether or not new requests
+        arrive."""
+        pending_here = max(0, self.inflight - self._num_sent())
+        self._table.publish_pending(self._row, pending_here, self._renders.queued)
         load, arrived = self._engine_load()
-        pending = load.num_waiting + self._table.total_pending()
-        self.drain.observe(load.num_admitted, pending > 0, arrived)
-        return pending
+        queued = load.num_waiting + self._table.total_queued()
+        self.drain.observe(load.num_admitted, queued > 0, arrived)
+        return load.num_waiting + self._table.total_pending(), queued
 
     @staticmethod
     def _busy(why: str, retry_after_s: float | None) -> ApiError:

@@ -16,7 +16,7 @@ import os
 import time
 
 #: int64 fields of a row; the rest of its 8 slots is padding.
-STATE, CONNECTIONS, HEARTBEAT_NS, PENDING, LAST_ACCEPT_NS = 0, 1, 2, 3, 4
+STATE, CONNECTIONS, HEARTBEAT_NS, PENDING, LAST_ACCEPT_NS, QUEUED = 0, 1, 2, 3, 4, 5
 ROW_FIELDS = 8
 ROW_BYTES = ROW_FIELDS * 8
 
@@ -42,6 +42,7 @@ class LoadTable:
         self._connections = self._cells[CONNECTIONS::ROW_FIELDS]
         self._heartbeats = self._cells[HEARTBEAT_NS::ROW_FIELDS]
         self._pending = self._cells[PENDING::ROW_FIELDS]
+        self._queued = self._cells[QUEUED::ROW_FIELDS]
         self._last_accepts = self._cells[LAST_ACCEPT_NS::ROW_FIELDS]
         #: SERVING rows whose heartbeat was stale at the last ``find_stuck``.
         self._stuck: frozenset[int] = frozenset()
@@ -80,7 +81,7 @@ class LoadTable:
         return table
 
     def close(self) -> None:
-        views = (self._states, self._connections, self._heartbeats, self._pending)
+        views = (self._states, self._connections, self._heartbeats, self._pending, self._queued)
         for view in (*views, self._last_accepts, self._cells):
             view.release()
         self._mapping.close()
@@ -91,6 +92,7 @@ class LoadTable:
         self._set(index, CONNECTIONS, NOT_SERVING)
         self._set(index, HEARTBEAT_NS, 0)
         self._set(index, PENDING, 0)
+        self._set(index, QUEUED, 0)
         self._set(index, LAST_ACCEPT_NS, 0)
 
     def publish(self, index: int, state: int, connections: int) -> None:
@@ -106,14 +108,20 @@ class LoadTable:
     def beat(self, index: int) -> None:
         self._set(index, HEARTBEAT_NS, time.monotonic_ns())
 
-    def publish_pending(self, index: int, pending: int) -> None:
-        """Row ``index``'s requests admitted but not yet sent to the engine (admission)."""
+    def publish_pending(self, index: int, pending: int, queued: int) -> None:
+        """Row ``index``'s requests admitted but not yet sent to the engine, and how many of
+        them wait for a render thread (admission)."""
         self._set(index, PENDING, pending)
+        self._set(index, QUEUED, queued)
 
     def total_pending(self) -> int:
         """Requests admitted by every server and not yet sent to the engine. Rows of servers
         that are gone were cleared to 0; a draining server's still count."""
         return int(sum(self._pending))
+
+    def total_queued(self) -> int:
+        """Of ``total_pending``, the requests waiting for a render thread."""
+        return int(sum(self._queued))
 
     def get(self, index: int, field: int) -> int:
         return int(self._cells[index * ROW_FIELDS + field])

@@ -68,7 +68,8 @@ class Renderer:
         # borrow that fails with "Already borrowed" while another thread encodes
         # (huggingface/transformers#47085). Calls here never set either.
         self._pool = ThreadPoolExecutor(num_workers, thread_name_prefix="render")
-        self._pending = 0
+        self._num_workers = num_workers
+        self._pending = 0  # renders waiting for a thread or running on one
         self._pixel_dtype = _TORCH_DTYPES[ready.pixel_dtype]
         self._pixel_kwargs = _UINT8_PIXELS if ready.pixel_dtype == "uint8" else {}
         self._image_hash = None if processor is None else _settings_hash(processor, ready)
@@ -94,6 +95,11 @@ class Renderer:
     @property
     def is_full(self) -> bool:
         return self._pending >= self._config.max_pending_renders
+
+    @property
+    def queued(self) -> int:
+        """Renders waiting for a thread (admission's queue wait)."""
+        return max(0, self._pending - self._num_workers)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` on the pool (or, in ``inline`` preprocess mode, right here on the

@@ -206,7 +206,7 @@ async def _serve(
         config,
         lambda: client.load_snapshot,
         lambda: client.num_streams,
-        lambda: renderer.is_full,
+        renderer,
         balancer.table,
         balancer.index,
     )

@@ -4,6 +4,7 @@ queue shared through the load table, and Retry-After from the measured drain rat
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -22,14 +23,14 @@ class Host:
         self.config = ServerConfig(**limits)  # type: ignore[arg-type]
         self.load = EngineLoad()
         self.sent = [0, 0]
-        self.renders_full = False
+        self.renders = [SimpleNamespace(is_full=False, queued=0) for _ in range(2)]
         self.now = 0.0
         self.servers = [
             Admission(
                 self.config,
                 lambda: (self.load, self.now),
                 lambda i=i: self.sent[i],
-                lambda: self.renders_full,
+                self.renders[i],
                 self.table,
                 i,
             )
@@ -51,9 +52,9 @@ def test_each_limit_gives_429_naming_it(tmp_path: Path) -> None:
     assert "2 requests in flight" in host.refused(0).message
     host.sent[0] = 2  # both reached the engine: nothing of server 0 is pending any more
     a.leave()
-    host.renders_full = True
+    host.renders[0].is_full = True
     assert "preprocessing queue" in host.refused(0).message
-    host.renders_full = False
+    host.renders[0].is_full = False
     host.load = EngineLoad(num_waiting=3)
     assert "3 requests are waiting" in host.refused(0).message
     host.load = EngineLoad(num_waiting=1, num_waiting_tokens=500)
@@ -117,6 +118,26 @@ def test_the_wait_limit_uses_the_drain_rate_once_measured(tmp_path: Path) -> Non
     a.check()  # 1.5 s of work: admitted
 
 
+def test_the_wait_counts_queued_renders_not_those_in_service(tmp_path: Path) -> None:
+    """Requests on a render thread are being served: only those waiting for one (on any
+    server) and the engine's waiting queue are ahead of a new request."""
+    host = Host(tmp_path, max_queue_wait=2.0)
+    a, b = host.servers
+    host.load = EngineLoad(num_waiting=3)
+    a.refresh()
+    host.now, host.load = 1.0, EngineLoad(num_waiting=3, num_admitted=2)  # 2 a second
+    a.refresh()
+    assert a.drain.per_s == pytest.approx(2.0)
+    host.load = EngineLoad(num_admitted=2)
+    for _ in range(6):  # six renders in service on server 0, none queued
+        a.enter()
+    a.check()  # 6 pending are 3 s at that rate, but none of them is queued
+    host.renders[1].queued = 4  # four wait for a thread on server 1
+    b.refresh()
+    host.load = EngineLoad(num_admitted=2, num_waiting=1)  # and one in the engine's queue
+    assert "5 requests wait to start, about 2.5 s of work" in host.refused(0).message
+
+
 def test_idle_time_leaves_the_drain_rate_alone() -> None:
     drain = DrainRate()
     drain.observe(0, True, 0.0)
@@ -129,6 +150,21 @@ def test_idle_time_leaves_the_drain_rate_alone() -> None:
     drain.observe(13, True, 22.0)
     assert drain.per_s is not None and drain.per_s > 0
     assert drain.seconds_for(14) == pytest.approx(14 / drain.per_s)
+
+
+def test_only_time_with_a_queue_measures_the_drain() -> None:
+    """The snapshot current when a queue appears is up to a heartbeat of idle time old: the
+    window opens with the next one. Time without a queue (requests rendering, none waiting)
+    is a host below capacity: it measures nothing."""
+    drain = DrainRate()
+    drain.observe(0, False, 0.0)  # an idle heartbeat
+    drain.observe(0, True, 0.0)  # a burst is queued: same snapshot
+    drain.observe(1, True, 0.5)  # the next snapshot opens the window
+    drain.observe(11, True, 1.5)
+    assert drain.per_s == pytest.approx(10.0)
+    drain.observe(12, False, 2.0)  # renders in service, nothing queued: a slow trickle
+    drain.observe(13, False, 4.0)
+    assert drain.per_s == pytest.approx(10.0)
 
 
 def test_a_slow_drain_is_measured_and_a_stalled_one_is_not_taken_for_fast() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -104,7 +105,7 @@ def test_unexpected_exceptions_are_openai_500s() -> None:
             ServerConfig(),
             lambda: (EngineLoad(), 0.0),
             lambda: 0,
-            lambda: False,
+            SimpleNamespace(is_full=False, queued=0),
             LoadTable.private(),
             0,
         ),
