@@ -73,6 +73,9 @@ class Renderer:
         self._pixel_dtype = _TORCH_DTYPES[ready.pixel_dtype]
         self._pixel_kwargs = _UINT8_PIXELS if ready.pixel_dtype == "uint8" else {}
         self._image_hash = None if processor is None else _settings_hash(processor, ready)
+        self._merge_size = int(
+            getattr(getattr(processor, "image_processor", None), "merge_size", 2)
+        )
         backend = getattr(getattr(processor, "image_processor", None), "backend", None)
         if processor is not None and ready.pixel_dtype == "uint8" and backend != "torchvision":
             # The engine found the torchvision processor: this process sees another install.
@@ -197,28 +200,32 @@ class Renderer:
             text = self._processor.apply_chat_template(
                 conversation, tokenize=False, add_generation_prompt=add_gen
             )
-            self._check_fits(text, images, reserved_tokens)
+            # Tokenized once, with one placeholder per image, and expanded afterwards: the
+            # processor would tokenize the text again with every placeholder repeated (about
+            # 1,000 per 1024x768 photo). The placeholder is a special token, which the
+            # tokenizer never merges with its neighbours, so both give the same ids (a test
+            # compares them with the processor's).
+            ids = np.asarray(self.tokenizer.encode(text))
+            self._check_fits(ids, images, reserved_tokens)
             images = [load_rgb(image) for image in images]
-            out = self._processor(
-                text=[text], images=images, return_tensors="pt", **self._pixel_kwargs
+            out = self._processor.image_processor(
+                images=images, return_tensors="pt", **self._pixel_kwargs
             )
         except ApiError:
             raise
         except Exception as exc:  # template errors (e.g. role order) are the client's input
             raise ApiError(400, f"cannot render the chat: {exc}", param="messages") from None
-        return self._with_images(
-            out["input_ids"][0].numpy(), out["pixel_values"], out["image_grid_thw"], hashes
-        )
+        return self._with_images(ids, out["pixel_values"], out["image_grid_thw"], hashes)
 
-    def _check_fits(self, text: str, images: list[Any], reserved_tokens: int) -> None:
+    def _check_fits(self, ids: np.ndarray, images: list[Any], reserved_tokens: int) -> None:
         """context_length_exceeded for a chat whose text, images (counted from their
-        headers, before decoding) and reserved output cannot fit the model."""
+        headers, before decoding) and reserved output cannot fit the model. ``ids``: the
+        chat's tokens, one placeholder per image."""
         count = getattr(self._processor.image_processor, "get_number_of_image_patches", None)
         if count is None:  # a processor that cannot say: its output is checked instead
             return
-        merge = int(getattr(self._processor.image_processor, "merge_size", 2))
-        # Each image stands in the text as one placeholder token before processing.
-        num_tokens = len(self.tokenizer.encode(text)) - len(images)
+        merge = self._merge_size
+        num_tokens = len(ids) - len(images)
         num_tokens += sum(count(im.height, im.width, {}) // (merge * merge) for im in images)
         max_len = self._ready.max_model_len
         if num_tokens + reserved_tokens > max_len:
@@ -243,32 +250,43 @@ class Renderer:
     def _with_images(
         self, ids: np.ndarray, pixels: torch.Tensor, grids: torch.Tensor, hashes: list[str]
     ) -> Prompt:
-        merge = int(getattr(self._processor.image_processor, "merge_size", 2))
+        """The prompt of ``ids`` (one placeholder token per image) with each placeholder
+        expanded to its image's tokens, a patch of 2x2 (``merge_size``) for each, as the
+        Qwen2-VL processors expand them."""
         if self._pixel_dtype == torch.uint8 and pixels.dtype != torch.uint8:
             raise ApiError(500, f"image processor returned {pixels.dtype} pixels, not uint8")
-        runs = _runs(ids, self._ready.image_token_id)
-        if len(runs) != len(grids):
-            raise ApiError(500, f"processor placed {len(runs)} image runs for {len(grids)} images")
-        items, row = [], 0
-        for (offset, length), grid, digest in zip(runs, grids.tolist(), hashes, strict=True):
-            rows = math.prod(grid)
-            if length != rows // (merge * merge):
-                raise ApiError(500, f"image run of {length} tokens does not match grid {grid}")
+        at = np.flatnonzero(ids == self._ready.image_token_id)
+        if len(at) > len(grids):
+            raise ApiError(
+                400, "the prompt contains image placeholder tokens without images", param="messages"
+            )
+        if len(at) < len(grids):
+            raise ApiError(500, f"the chat template placed {len(at)} images of {len(grids)}")
+        rows = [math.prod(grid) for grid in grids.tolist()]
+        lengths = [r // (self._merge_size * self._merge_size) for r in rows]
+        repeats = np.ones(len(ids), dtype=np.int64)
+        repeats[at] = lengths
+        items, row, grown = [], 0, 0
+        for place, grid, num_rows, length, digest in zip(
+            at.tolist(), grids.tolist(), rows, lengths, hashes, strict=True
+        ):
             # (rows, C*T*patch*patch): this image's patches. uint8 patches are a view of the
             # processor's output, sent without a copy; float ones take the tower's dtype.
-            patch = pixels[row : row + rows].to(self._pixel_dtype)
-            row += rows
+            patch = pixels[row : row + num_rows].to(self._pixel_dtype)
+            row += num_rows
             items.append(
                 MultiModalItem(
                     content_hash=digest,
                     modality="image",
                     grid_thw=(grid[0], grid[1], grid[2]),
-                    offset=offset,
+                    offset=place + grown,
                     length=length,
                     pixel_values=patch,
                 )
             )
-        return Prompt(self._checked(ids, sum(i.length for i in items), "messages"), items)
+            grown += length - 1
+        expanded = np.repeat(ids, repeats)
+        return Prompt(self._checked(expanded, sum(lengths), "messages"), items)
 
     def _checked(self, ids: np.ndarray, num_image_tokens: int, param: str = "prompt") -> np.ndarray:
         """int32 ids; refuse ids outside the vocabulary and image placeholders without images
@@ -297,15 +315,6 @@ def _settings_hash(processor: Any, ready: Ready) -> hashlib._Hash:
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     digest.update(f"\0pixels={ready.pixel_dtype}\0".encode())
     return digest
-
-
-def _runs(ids: np.ndarray, token: int | None) -> list[tuple[int, int]]:
-    """(offset, length) of each maximal run of ``token`` in ``ids``."""
-    if token is None:
-        return []
-    hit = np.concatenate(([False], ids == token, [False]))
-    edges = np.flatnonzero(hit[1:] != hit[:-1])
-    return [(int(s), int(e - s)) for s, e in zip(edges[::2], edges[1::2], strict=True)]
 
 
 def _to_hf_messages(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], list[str]]:

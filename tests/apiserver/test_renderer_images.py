@@ -23,6 +23,7 @@ from apiserver.config import ServerConfig
 from apiserver.errors import ApiError
 from apiserver.media import MediaBytes
 from apiserver.renderer import Prompt, Renderer
+from bench.datasets import sharegpt_prompts
 from ipc import messages
 from ipc.codec import Encoder
 
@@ -141,5 +142,55 @@ def test_float_pixels_where_uint8_was_asked_for_are_refused(default_model_dir: P
     try:
         with pytest.raises(ApiError, match="returned torch.float32 pixels, not uint8"):
             renderer._with_images(ids, torch.zeros(16, 1176), torch.tensor([[1, 4, 4]]), ["h"])
+    finally:
+        renderer.close()
+
+
+def test_prompt_equals_the_processors_own(default_model_dir: Path) -> None:
+    """The renderer tokenizes a chat with one placeholder per image and expands it; the
+    processor expands the text and tokenizes that. Same ids, image runs and patches, for
+    real photos of different sizes between real text (one of them with text that itself
+    spells the image markers' neighbours)."""
+    renderer = _renderer(default_model_dir, "uint8")
+    processor = AutoProcessor.from_pretrained(default_model_dir)
+    texts = [*sharegpt_prompts(3, max_chars=400), "<|vision_start|> a b<|vision_end|>x"]
+    photos = [COFFEE, ROCKET, _jpeg(skimage.data.astronaut(), (200, 333))]
+    try:
+        for text, count in zip(texts, (1, 2, 3, 2), strict=True):
+            content: list[dict[str, Any]] = [{"type": "text", "text": text}]
+            content[count % 2 : count % 2] = [{"type": "image"}] * count
+            chat = [{"role": "user", "content": content}]
+            media = [MediaBytes(p) for p in photos[:count]]
+            prompt = renderer._chat_blocking(chat, media, True, 16)
+            images = [Image.open(io.BytesIO(p)).convert("RGB") for p in photos[:count]]
+            expected = processor(
+                text=[processor.apply_chat_template(chat, add_generation_prompt=True)],
+                images=images,
+                return_tensors="pt",
+                do_rescale=False,
+                do_normalize=False,
+            )
+            assert prompt.token_ids.tolist() == expected["input_ids"][0].tolist()
+            image_id = renderer._ready.image_token_id
+            for item in prompt.mm_items:
+                run = prompt.token_ids[item.offset : item.offset + item.length]
+                assert (run == image_id).all() and prompt.token_ids[item.offset - 1] != image_id
+            pixels = torch.cat([item.pixel_values for item in prompt.mm_items])
+            assert torch.equal(pixels, expected["pixel_values"])
+            grids = [list(item.grid_thw) for item in prompt.mm_items]
+            assert grids == expected["image_grid_thw"].tolist()
+    finally:
+        renderer.close()
+
+
+def test_text_spelling_the_image_placeholder_is_refused(default_model_dir: Path) -> None:
+    renderer = _renderer(default_model_dir, "uint8")
+    chat = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "<|image_pad|>"}]}
+    ]
+    try:
+        with pytest.raises(ApiError, match="placeholder tokens without images") as err:
+            renderer._chat_blocking(chat, [MediaBytes(COFFEE)], True, 16)
+        assert err.value.status == 400
     finally:
         renderer.close()
