@@ -45,8 +45,10 @@ MIN_RENDER_WORKERS = 2
 #: The most render workers or math threads one server gets, whatever it asks for.
 MAX_THREADS = 64
 
-#: Environment variables that math libraries read once, when they are loaded (so they must be
-#: set before torch is imported). The tokenizers library's pool is rayon's.
+#: Environment variables that math libraries read once, when they are loaded (an API server,
+#: forked from a launcher that loaded them on one thread, ``launch.preload``, sizes torch's
+#: pools with ``apply_torch_threads`` instead), or when they first run work (rayon: the
+#: tokenizers library's pool).
 THREAD_ENV_VARS = (
     "OMP_NUM_THREADS",
     "MKL_NUM_THREADS",
@@ -260,8 +262,8 @@ def thread_environment(
 
 
 def apply_environment(share: CpuShare, environ: MutableMapping[str, str]) -> dict[str, str]:
-    """Set the math libraries' thread variables in ``environ`` (call before torch is
-    imported); returns the ones kept from the user's environment."""
+    """Set the math libraries' thread variables in ``environ`` (before any of them runs
+    work); returns the ones kept from the user's environment."""
     updates, kept = thread_environment(share.threads, environ)
     environ.update(updates)
     return kept

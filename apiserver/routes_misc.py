@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from importlib import metadata
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -15,6 +14,7 @@ from apiserver.errors import ApiError
 from apiserver.protocol import DetokenizeRequest, ModelCard, ModelList, TokenizeRequest
 from apiserver.renderer import Renderer
 from apiserver.routes_common import check_model, json_response, now, parse
+from apiserver.version import fanin_version
 
 
 class MiscRoutes:
@@ -98,7 +98,7 @@ class MiscRoutes:
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def version(self, request: Request) -> Response:
-        return json_response({"version": metadata.version("fanin")})
+        return json_response({"version": fanin_version()})
 
 
 def _detokenize(renderer: Renderer, tokens: list[int]) -> str:

@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         # prometheus_client picks its multiprocess mode when first imported (via apiserver.app).
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = args.metrics_dir
     logging.basicConfig(
+        force=True,  # forked from the launcher: its handlers and format are inherited
         level=config.log_level.upper(),
         format=f"%(asctime)s %(levelname)s api-server-{args.index} %(name)s: %(message)s",
     )

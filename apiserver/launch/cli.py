@@ -17,13 +17,13 @@ import sys
 import types
 import typing
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
 
 from apiserver.config import ServerConfig
+from apiserver.version import fanin_version
 from ipc.config import EngineConfig
 from ipc.lifecycle import name_process
 
@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fanin", description="OpenAI-compatible server: N API servers, one engine core."
     )
-    parser.add_argument("--version", action="version", version=f"fanin {_version()}")
+    parser.add_argument("--version", action="version", version=f"fanin {fanin_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser("serve", help="serve a model (default: the built-in tiny model)")
     serve.add_argument(
@@ -150,13 +150,6 @@ def build_parser() -> argparse.ArgumentParser:
     # Listed for --help only: main() hands everything after "bench" to the bench package.
     commands.add_parser("bench", help="load generator and server sweeps (fanin bench --help)")
     return parser
-
-
-def _version() -> str:
-    try:
-        return metadata.version("fanin")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def configs_from_args(
@@ -244,7 +237,14 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         remove_uds(server)
         print(f"fanin: error: {e}", file=sys.stderr)
         return 1
-    return Launcher(server, engine, share, str(model)).run(listener)
+    code = Launcher(server, engine, share, str(model)).run(listener)
+    # Every child is gone and the run dir removed. What is left is the interpreter's teardown:
+    # seconds of garbage collection over the torch and transformers the launcher imported for
+    # its API servers (``preload``), which a supervisor would wait out.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _build_model(args: argparse.Namespace) -> int:

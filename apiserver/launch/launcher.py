@@ -1,4 +1,4 @@
-"""`fanin serve`: bind the socket, start the engine core, spawn N API servers, supervise them.
+"""`fanin serve`: bind the socket, start the engine core, fork N API servers, supervise them.
 
 Order matters: the listening socket is bound first so that a port in use fails in
 milliseconds rather than after a model load; the engine must answer READY before any API
@@ -18,13 +18,13 @@ import time
 from collections.abc import Callable
 
 import msgspec
-from prometheus_client import multiprocess
 
 from apiserver.config import ServerConfig
 from apiserver.cpu_budget import CpuShare, thread_environment
 from apiserver.launch.listener import describe_listener, remove_uds
+from apiserver.launch.preload import native_threads, preload
 from apiserver.launch.run_dir import RunDir, engine_address, remove_stale_run_dirs
-from apiserver.launch.supervisor import Child, Events, respawn_delay, spawn
+from apiserver.launch.supervisor import Child, Events, fork, respawn_delay, spawn
 from apiserver.launch.systemd import notify, watchdog_interval
 from apiserver.load_table import LoadTable
 from ipc.config import EngineConfig
@@ -108,6 +108,9 @@ class Launcher:
         self.engine_address = engine_address(run_dir)
         self.metrics_dir = os.path.join(run_dir, "metrics")
         os.mkdir(self.metrics_dir, 0o700)
+        # Before anything here imports prometheus_client: it picks its multiprocess mode at
+        # import, and the API servers forked from here inherit that module.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
         for name, cfg in (("engine.json", self.engine_cfg), ("server.json", self.server_cfg)):
             # 0600: server.json may hold the API key (the run dir is 0700 too).
             path = os.path.join(run_dir, name)
@@ -131,9 +134,17 @@ class Launcher:
         )
         self.events.watch(self.engine)
         logger.info("engine core started (pid %d)", self.engine.pid)
-        # The API servers start with it: their imports overlap the engine's model load, and
-        # their HELLOs wait in ZeroMQ's queue until the engine binds (they wait for READY as
+        # The API servers' imports, once for all of them, overlap the engine's start; their
+        # HELLOs then wait in ZeroMQ's queue until the engine binds (they wait for READY as
         # long as the launcher waits for the engine).
+        seconds = preload()
+        threads = native_threads()
+        logger.log(
+            logging.INFO if threads == 1 else logging.WARNING,
+            "imported the API servers' libraries in %.1f s (the launcher has %d thread(s))",
+            seconds,
+            threads,
+        )
         for index in range(self.share.api_server_count):
             self._spawn_server(index)
         code = self._wait_started()
@@ -188,21 +199,28 @@ class Launcher:
         return None
 
     def _spawn_server(self, index: int) -> None:
-        cmd = [sys.executable, "-m", "apiserver.server", "--config", f"{self.run_dir}/server.json"]
-        cmd += ["--index", str(index), "--listen-fd", str(self.listen_fd)]
-        cmd += ["--engine-address", self.engine_address, "--metrics-dir", self.metrics_dir]
-        cmd += ["--load-table", self.load_table_path]
-        cmd += ["--ready-fd", "{ready_fd}", "--parent-pid", str(os.getpid())]
-        child = spawn(
+        argv = ["--config", f"{self.run_dir}/server.json", "--index", str(index)]
+        argv += ["--listen-fd", str(self.listen_fd), "--engine-address", self.engine_address]
+        argv += ["--metrics-dir", self.metrics_dir, "--load-table", self.load_table_path]
+        argv += ["--parent-pid", str(os.getpid())]
+        child = fork(
             f"api server {index}",
-            cmd,
-            env=dict(os.environ),
-            pass_fds=(self.listen_fd,),
-            with_ready_pipe=True,
+            lambda ready_fd: _run_server([*argv, "--ready-fd", str(ready_fd)]),
+            self._release_in_child,
         )
         self.servers[index] = child
         self.events.watch(child)
         logger.info("api server %d started (pid %d)", index, child.pid)
+
+    def _release_in_child(self) -> None:
+        """In a forked API server: close the launcher's selector, wakeup socket and the
+        pidfds and ready pipes of its other children."""
+        self.events.close_in_child()
+        for child in (self.engine, *self.servers.values()):
+            if child is not None and child.is_alive:
+                os.close(child.pidfd)
+                if child.ready_fd is not None:
+                    os.close(child.ready_fd)
 
     # -- steady state ----------------------------------------------------------------------
 
@@ -237,6 +255,8 @@ class Launcher:
         index = next(i for i, c in self.servers.items() if c is child)
         assert self.load_table is not None
         self.load_table.clear(index)  # its connections died with it
+        from prometheus_client import multiprocess  # after PROMETHEUS_MULTIPROC_DIR is set
+
         try:
             multiprocess.mark_process_dead(child.pid, self.metrics_dir)
         except OSError as e:
@@ -302,6 +322,16 @@ class Launcher:
             if child.is_alive:
                 child.signal(signal.SIGKILL)
                 child.reap()
+
+
+def _run_server(argv: list[str]) -> int:
+    """An API server's ``main``, in a child forked from the launcher."""
+    from apiserver.server import main
+
+    try:
+        return main(argv)
+    finally:
+        logging.shutdown()
 
 
 def _signal_name(signum: object) -> str:

@@ -12,8 +12,10 @@ import selectors
 import signal
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Mapping, Sequence
+import traceback
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import FrameType
 
@@ -35,20 +37,18 @@ def respawn_delay(fast_failures: int) -> float:
 
 @dataclass(eq=False)
 class Child:
-    """One process the launcher started. ``ready_fd`` is the read end of the pipe the child
-    writes one byte to once it serves; EOF on it (without the byte) means it died first."""
+    """One process the launcher started (``popen`` is None for a forked one). ``ready_fd`` is
+    the read end of the pipe the child writes one byte to once it serves; EOF on it (without
+    the byte) means it died first."""
 
     name: str
-    popen: subprocess.Popen[bytes]
+    pid: int
+    popen: subprocess.Popen[bytes] | None
     pidfd: int
     started: float
     ready_fd: int | None = None
     is_ready: bool = False
     exit_code: int | None = None
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
 
     @property
     def is_alive(self) -> bool:
@@ -63,7 +63,10 @@ class Child:
     def reap(self) -> int:
         """Collect the exit status (the pidfd said it exited) and release the fds."""
         if self.exit_code is None:
-            self.exit_code = self.popen.wait()
+            if self.popen is not None:
+                self.exit_code = self.popen.wait()
+            else:
+                self.exit_code = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
             os.close(self.pidfd)
             self.close_ready_fd()
         return self.exit_code
@@ -105,7 +108,53 @@ def spawn(
         if with_ready_pipe:
             # Our copy of the write end must go, or EOF never comes when the child dies.
             os.close(fds[-1])
-    return Child(name, popen, os.pidfd_open(popen.pid), time.monotonic(), ready_r)
+    return Child(name, popen.pid, popen, os.pidfd_open(popen.pid), time.monotonic(), ready_r)
+
+
+def fork(name: str, run: Callable[[int], int], in_child: Callable[[], None]) -> Child:
+    """Fork a child that runs ``run(ready_w)`` (``ready_w``: its ready pipe's write end) and
+    exits with the code it returns, like ``spawn`` without the exec: the child keeps what
+    this process imported. ``in_child`` first releases what the child must not hold of this
+    process (the launcher's selector and pidfds).
+
+    The child gets its own session, as ``spawn``'s do, and the default handlers for
+    ``WATCHED_SIGNALS`` with no wakeup fd: this process's handlers would write a signal sent
+    to the child into the launcher's own wakeup socket, and the launcher would act on a
+    SIGTERM it never got. Those signals stay blocked across the fork until the child has
+    reset them. It never returns into the caller's frames (whose ``finally`` blocks would
+    stop the launcher's children and remove its run dir): it leaves with ``os._exit``."""
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, WATCHED_SIGNALS)
+    try:
+        pid = os.fork()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        os.close(ready_r)
+        os.close(ready_w)
+        raise
+    if pid == 0:
+        code = 1
+        try:
+            os.close(ready_r)
+            os.setsid()
+            signal.set_wakeup_fd(-1)
+            for sig in WATCHED_SIGNALS:
+                signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            in_child()
+            code = run(ready_w)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            with contextlib.suppress(BaseException):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(code)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    os.close(ready_w)  # the child's copy is the only one: EOF when it dies
+    return Child(name, pid, None, os.pidfd_open(pid), time.monotonic(), ready_r)
 
 
 class Events:
@@ -136,6 +185,13 @@ class Events:
         for sig, handler in self._old_handlers.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
         signal.set_wakeup_fd(self._old_wakeup_fd)
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def close_in_child(self) -> None:
+        """Release the selector and the wakeup socket in a forked child (whose handlers
+        ``fork`` already reset), without touching the signal state the parent keeps."""
         self._selector.close()
         self._wake_r.close()
         self._wake_w.close()
