@@ -113,6 +113,7 @@ class Load:
     url: str
     ok: int = 0
     in_flight: int = 0
+    started: int = 0
     failures: list[tuple[float, str]] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -132,6 +133,7 @@ class Load:
         while not self._stop.is_set() and time.monotonic() < deadline:
             with self._lock:
                 self.in_flight += 1
+                self.started += 1
             try:
                 client.completions.create(model=NAME, prompt="Hello there", max_tokens=8)
                 with self._lock:
@@ -272,14 +274,17 @@ def test_sigkill_costs_only_the_requests_in_flight_on_the_killed_instance(pool: 
     balancer = pool.balancer
     victim, name = 0, balancer.names[0]
     with steady_load(pool) as load:
-        in_flight = load.in_flight
+        in_flight, started = load.in_flight, load.started
         killed_at = time.monotonic()
         pool.instances[victim].kill_tree()
+        # Requests sent while its processes were being killed (a few ms: the listening
+        # socket lives until the last of them is gone) were in flight on it too.
+        sent_meanwhile = load.started - started
         down_at = balancer.wait_state(name, "DOWN", 10)
         load.wait_ok(30)
-    # Each client has at most one request in flight, so no more than CLIENTS can be lost, and
-    # nothing fails once the balancer has taken the dead instance out.
-    assert len(load.failures) <= max(in_flight, 1) <= CLIENTS, load.failures
+    # Only the requests in flight when it died are lost, and nothing fails once the balancer
+    # has taken the dead instance out.
+    assert len(load.failures) <= max(in_flight + sent_meanwhile, 1), load.failures
     assert all(killed_at <= t <= down_at for t, _ in load.failures), load.failures
     pool.restart(victim)
     balancer.wait_state(name, "UP", 30)
