@@ -18,14 +18,11 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
 install: $(STAMP)
 
-# --no-compile: pip would byte-compile all ~16,000 modules of the environment (about 100 s
-# of CPU on a 2-core machine); Python compiles the few thousand that fanin imports on first
-# use instead, into the same __pycache__ folders.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q --no-compile $(TORCH_PINS)
-	$(BIN)/python -m pip install -q --no-compile -e '.[test,bench]' $(TORCH_PINS)
+	$(BIN)/python -m pip install -q $(TORCH_PINS)
+	$(BIN)/python -m pip install -q -e '.[test,bench]' $(TORCH_PINS)
 	touch $(STAMP)
 
 serve: install
