@@ -73,10 +73,9 @@ class Renderer:
         self._pixel_dtype = _TORCH_DTYPES[ready.pixel_dtype]
         self._pixel_kwargs = _UINT8_PIXELS if ready.pixel_dtype == "uint8" else {}
         self._image_hash = None if processor is None else _settings_hash(processor, ready)
-        self._merge_size = int(
-            getattr(getattr(processor, "image_processor", None), "merge_size", 2)
-        )
-        backend = getattr(getattr(processor, "image_processor", None), "backend", None)
+        image_processor = getattr(processor, "image_processor", None)
+        self._merge_size = int(getattr(image_processor, "merge_size", 2))
+        backend = getattr(image_processor, "backend", None)
         if processor is not None and ready.pixel_dtype == "uint8" and backend != "torchvision":
             # The engine found the torchvision processor: this process sees another install.
             raise RuntimeError(
