@@ -18,6 +18,7 @@ from typing import Protocol, cast
 
 import httptools
 
+from bench.aio import within
 from bench.target import Target
 
 _MAX_HEADERS = 100
@@ -219,7 +220,7 @@ class Client:
         loop = asyncio.get_running_loop()
         self.num_connects += 1
         try:
-            _, conn = await asyncio.wait_for(
+            _, conn = await within(
                 loop.create_connection(
                     lambda: _Connection(self._max_body),
                     self.target.connect_host,

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bench import proc, server_stages
+from bench.aio import within
 from bench.config import BenchConfig
 from bench.http_client import Client, HttpError, HttpTimeout, fetch, request_bytes
 from bench.metrics import RequestRecord
@@ -198,7 +199,7 @@ class Run:
             if slots is not None:
                 left = self._stop_at - time.perf_counter()
                 try:
-                    await asyncio.wait_for(slots.acquire(), max(0.0, left))
+                    await within(slots.acquire(), max(0.0, left))
                 except asyncio.TimeoutError:
                     return
             now = time.perf_counter()

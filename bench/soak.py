@@ -44,6 +44,7 @@ import msgspec
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench import proc
+from bench.aio import within
 from bench.cli import fetch_model, raise_open_files_limit, run_async, write_text
 from bench.config import BenchConfig
 from bench.http_client import Client, HttpError, fetch, request_bytes
@@ -223,14 +224,14 @@ class Soak:
             await asyncio.sleep(rng.expovariate(1 / LEAVER_INTERVAL_S))
             parts = request_bytes(target, "POST", _PATH, workload.body(i), headers, False)
             with contextlib.suppress(OSError, asyncio.TimeoutError):
-                reader, writer = await asyncio.wait_for(
+                reader, writer = await within(
                     asyncio.open_connection(target.connect_host, target.port), 5.0
                 )
                 try:
                     writer.writelines(parts)
                     await writer.drain()
                     with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(reader.read(1 << 20), rng.uniform(0.0, 2.0))
+                        await within(reader.read(1 << 20), rng.uniform(0.0, 2.0))
                 finally:
                     writer.transport.abort()  # a client that leaves without a goodbye
             self.leavers += 1

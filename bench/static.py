@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import re
 
+from bench.aio import within
 from bench.images import DistinctImages
 
 _PATH = re.compile(rb"^/img/(\d{1,12})\.jpg$")
@@ -60,7 +61,7 @@ class ImageServer:
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         """Answer one request; whether the connection stays open for another."""
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self._idle_timeout)
+        head = await within(reader.readuntil(b"\r\n\r\n"), self._idle_timeout)
         request_line, *header_lines = head.split(b"\r\n")
         method, _, rest = request_line.partition(b" ")
         path = rest.rpartition(b" ")[0].split(b"?", 1)[0]
@@ -87,5 +88,5 @@ class ImageServer:
                 *(body if method != b"HEAD" else []),
             ]
         )
-        await asyncio.wait_for(writer.drain(), self._idle_timeout)
+        await within(writer.drain(), self._idle_timeout)
         return keep
