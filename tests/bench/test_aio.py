@@ -10,7 +10,7 @@ import pytest
 from bench.aio import within
 
 
-@pytest.mark.skipif(sys.version_info < (3, 11), reason="3.10 has no asyncio.timeout: the race stays")
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="3.10: no asyncio.timeout, the race stays")
 def test_a_cancel_landing_as_the_awaited_thing_completes_is_kept() -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
