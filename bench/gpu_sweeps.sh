@@ -12,6 +12,10 @@
 #             a render thread per core left to the API servers) against N x auto for
 #             N = 2, 4, 8, 12, 14.
 #             SCALEOUT_CONFIGS replaces that list.
+#   rest      (issue 10, item 4: the rows beside the scale-out sweep) the default model with
+#             1920x1080 photos (pool 1x14, 8 x auto) and with ShareGPT text alone (64 output
+#             tokens; 1 x auto, 8 x auto: N > 1 must cost nothing there), then the
+#             Qwen2-VL-2B-shaped model with 1024x768 photos (pool 1x4, 4 x auto, 8 x auto).
 #   vl        (issue 11) the 2B-shaped model through 4 API servers (image req/s with
 #             `nvidia-smi dmon` utilisation beside it), then bench/engine_bench.py on it as
 #             time allows.
@@ -29,8 +33,8 @@
 # Needs the repo root on PYTHONPATH (no install). Writes OUT_DIR/gpu.txt and one folder per
 # sweep (sweep.json, sweep.md ready to paste, sweep.png, the servers' logs).
 set -euo pipefail
-part=${1:?usage: bench/gpu_sweeps.sh baseline|scaleout|vl|profile|overload OUT_DIR}
-out=${2:?usage: bench/gpu_sweeps.sh baseline|scaleout|vl|profile|overload OUT_DIR}
+part=${1:?usage: bench/gpu_sweeps.sh baseline|scaleout|rest|vl|profile|overload OUT_DIR}
+out=${2:?usage: bench/gpu_sweeps.sh baseline|scaleout|rest|vl|profile|overload OUT_DIR}
 budget=${BUDGET_S:-540}
 py=${PYTHON:-python3}
 start=$(date +%s)
@@ -78,6 +82,21 @@ scaleout)
     sweep scaleout "$work/default" --warmup-seconds 2 --duration 8 --num-prompts 8000 \
         --request-timeout 60 --server-start-timeout 120 --time-budget "$(left)" \
         --configs ${SCALEOUT_CONFIGS:-inline:1x1 pool:1x14 2xauto 4xauto 8xauto 12xauto 14xauto}
+    ;;
+rest)
+    sweep scaleout-1080p "$work/default" --image-size 1920x1080 --warmup-seconds 2 --duration 8 \
+        --num-prompts 8000 --request-timeout 60 --server-start-timeout 120 \
+        --time-budget "$(left 300)" --configs pool:1x14 8xauto
+    sweep scaleout-text "$work/default" --dataset sharegpt --output-len 64 --warmup-seconds 2 \
+        --duration 8 --num-prompts 8000 --request-timeout 60 --server-start-timeout 120 \
+        --time-budget "$(left 220)" --configs 1xauto 8xauto
+    if build_2b; then
+        sweep scaleout-2b "$work/2b" --warmup-seconds 2 --duration 8 --num-prompts 8000 \
+            --request-timeout 60 --server-start-timeout 240 --time-budget "$(left)" \
+            --configs pool:1x4 4xauto 8xauto
+    else
+        echo "the 2B model build failed: no 2B runs"
+    fi
     ;;
 vl)
     has_2b=1
@@ -139,7 +158,7 @@ overload)
         --time-budget "$(left)" --configs ${OVERLOAD_CONFIGS:-4xauto inline:1x1 pool:1x14}
     ;;
 *)
-    echo "unknown part $part (baseline, scaleout, vl, profile, overload)" >&2
+    echo "unknown part $part (baseline, scaleout, rest, vl, profile, overload)" >&2
     exit 2
     ;;
 esac
