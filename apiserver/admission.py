@@ -70,7 +70,9 @@ class DrainRate:
     def __init__(self) -> None:
         self.per_s: float | None = None
         self._since: float | None = None  # the open window's start; None: none open
-        self._idle_at: float | None = None  # the snapshot current when no queue was seen
+        #: The snapshot current when no queue was seen (or when the first one was): a
+        #: window opens only at a later one.
+        self._idle_at: float | None = None
         self._admitted = 0
 
     def observe(self, admitted: int, backlogged: bool, now: float) -> None:
@@ -81,7 +83,13 @@ class DrainRate:
             self._since, self._idle_at, self._admitted = None, now, admitted
             return
         if self._since is None:
-            if now != self._idle_at:
+            if self._idle_at is None:
+                # The first queue this server sees: its snapshot may be far older than a
+                # heartbeat (at start-up, the one from before the engine was ready: a window
+                # opened there timed the engine's whole load, 13 s, and the 4 servers of a
+                # GPU host refused 64 clients for "13 s of work").
+                self._idle_at = now
+            elif now != self._idle_at:
                 self._since, self._admitted = now, admitted
             return
         elapsed = now - self._since

@@ -111,7 +111,9 @@ def test_the_wait_limit_uses_the_drain_rate_once_measured(tmp_path: Path) -> Non
     a = host.servers[0]
     host.load = EngineLoad(num_waiting=30)
     a.check()  # no rate measured yet: only the count limits apply
-    host.now, host.load = 0.5, EngineLoad(num_waiting=30, num_admitted=5)  # 10 a second
+    host.now = 0.25
+    a.check()  # a newer snapshot: the window opens
+    host.now, host.load = 0.75, EngineLoad(num_waiting=30, num_admitted=5)  # 10 a second
     err = host.refused(0)
     assert "about 3.0 s of work" in err.message and err.headers["Retry-After"] == "1"
     host.load = EngineLoad(num_waiting=15, num_admitted=5)
@@ -125,7 +127,9 @@ def test_the_wait_counts_queued_renders_not_those_in_service(tmp_path: Path) -> 
     a, b = host.servers
     host.load = EngineLoad(num_waiting=3)
     a.refresh()
-    host.now, host.load = 1.0, EngineLoad(num_waiting=3, num_admitted=2)  # 2 a second
+    host.now = 0.5
+    a.refresh()
+    host.now, host.load = 1.5, EngineLoad(num_waiting=3, num_admitted=2)  # 2 a second
     a.refresh()
     assert a.drain.per_s == pytest.approx(2.0)
     host.load = EngineLoad(num_admitted=2)
@@ -140,6 +144,7 @@ def test_the_wait_counts_queued_renders_not_those_in_service(tmp_path: Path) -> 
 
 def test_idle_time_leaves_the_drain_rate_alone() -> None:
     drain = DrainRate()
+    drain.observe(0, True, -0.5)
     drain.observe(0, True, 0.0)
     drain.observe(20, True, 1.0)
     assert drain.per_s == pytest.approx(20.0)
@@ -167,10 +172,21 @@ def test_only_time_with_a_queue_measures_the_drain() -> None:
     assert drain.per_s == pytest.approx(10.0)
 
 
+def test_the_first_queue_does_not_time_the_engines_start() -> None:
+    """A server's first snapshot can be from before the engine was ready (on a GPU host, 13 s
+    before its first heartbeat): a queue seen then opens the window at the next snapshot."""
+    drain = DrainRate()
+    drain.observe(0, True, 0.0)  # 64 clients queue at once; the snapshot is from start-up
+    drain.observe(0, True, 13.0)  # the engine's first heartbeat
+    drain.observe(100, True, 14.0)
+    assert drain.per_s == pytest.approx(100.0)
+
+
 def test_a_slow_drain_is_measured_and_a_stalled_one_is_not_taken_for_fast() -> None:
     """Requests that run for 2 s each: fewer than one admission per window, still measured
     (the server's tick observes every 0.1 s); then the engine stops admitting."""
     drain = DrainRate()
+    drain.observe(0, True, -0.1)
     for tick in range(101):  # 10 s, an admission every 2 s
         drain.observe(tick // 20, True, tick / 10)
     assert drain.per_s == pytest.approx(0.5)
@@ -185,6 +201,7 @@ def test_a_stale_snapshot_is_not_taken_for_a_stopped_engine() -> None:
     the same snapshot again (the 0.1 s ticks) says nothing; the engine's heartbeats, with the
     count unchanged, do say it stopped."""
     drain = DrainRate()
+    drain.observe(0, True, -0.5)
     drain.observe(0, True, 0.0)
     drain.observe(100, True, 1.0)
     assert drain.per_s == pytest.approx(100.0)
