@@ -140,10 +140,11 @@ class Launcher:
         seconds = preload()
         threads = native_threads()
         logger.log(
-            logging.INFO if threads == 1 else logging.WARNING,
-            "imported the API servers' libraries in %.1f s (the launcher has %d thread(s))",
+            logging.INFO if len(threads) == 1 else logging.WARNING,
+            "imported the API servers' libraries in %.1f s (the launcher has %d thread(s): %s)",
             seconds,
-            threads,
+            len(threads),
+            ", ".join(threads),
         )
         for index in range(self.share.api_server_count):
             self._spawn_server(index)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib
 import os
 import time
+from pathlib import Path
 
 from apiserver.cpu_budget import THREAD_ENV_VARS
 
@@ -52,9 +53,17 @@ def preload() -> float:
     return time.monotonic() - started
 
 
-def native_threads() -> int:
-    """This process's threads, the libraries' own included (1 is what ``fork`` wants)."""
+def native_threads() -> list[str]:
+    """The names of this process's threads, the libraries' own included (one, the main
+    thread, is what ``fork`` wants; the names say which library started another)."""
     try:
-        return len(os.listdir("/proc/self/task"))
+        tids = sorted(os.listdir("/proc/self/task"), key=int)
     except OSError:
-        return 1
+        return ["?"]
+    names = []
+    for tid in tids:
+        try:
+            names.append(Path(f"/proc/self/task/{tid}/comm").read_text().strip())
+        except OSError:
+            names.append(tid)  # ended meanwhile
+    return names
