@@ -148,6 +148,7 @@ def _compile(fn: Callable[..., Any], backend: str) -> Callable[..., Any]:
     return torch.compile(fn, dynamic=True, fullgraph=True, backend=backend)
 
 
+@torch.no_grad()  # as the steps run: dynamo guards on grad mode (see the docstring)
 def _try(
     fast: dict[str, Callable[..., Any]],
     eager: dict[str, Callable[..., Any]],
@@ -156,7 +157,10 @@ def _try(
 ) -> None:
     """Compile every kernel now, on inputs shaped like the models' (2-D activations; q and k as
     strided views of a packed projection), and check it against eager within rounding; 1 and 3
-    rows cover the size-1 specialisation."""
+    rows cover the size-1 specialisation. Under no_grad, as every step runs: compiled with
+    grad on, each kernel was compiled twice more at the engine's first steps (the GPU host's
+    log: "GLOBAL_STATE changed: grad_mode", then the size-1 guard again), seconds of start-up
+    each, and any shape first seen while serving would have stalled a step as long."""
     gen = torch.Generator(device=device).manual_seed(0)
     for t in (1, 3):
         x = torch.randn(t, 64, device=device, generator=gen).to(dtype)

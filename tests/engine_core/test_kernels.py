@@ -38,6 +38,28 @@ def test_every_kernel_traces_whole_and_matches_eager() -> None:
     torch.testing.assert_close(fused.quick_gelu(x), eager.quick_gelu(x))
 
 
+def test_the_start_up_compile_serves_the_steps_without_recompiling() -> None:
+    """Steps run under no_grad with 1 row or many: what ``compiled`` compiled must serve them
+    all (a recompile while serving stalls the step; here it raises, and the kernel falls back)."""
+    torch._dynamo.reset()
+    fused = Kernels.compiled(CPU, torch.float32, backend="aot_eager")
+    torch.compiler.set_stance("fail_on_recompile")
+    try:
+        with torch.no_grad():
+            for rows in (1, 7):
+                x, w = torch.randn(rows, 64), torch.randn(64)
+                qk, cos = torch.randn(rows, 3, 4, 16), torch.randn(rows, 1, 16)
+                fused.rms_norm(x, w, 1e-6)
+                fused.add_rms_norm(x, x, w, 1e-6)
+                fused.rotary(qk[:, 0], qk[:, 1], cos, cos)
+                fused.rotary_fp32(qk[:, 0], qk[:, 1], cos, cos)
+                fused.silu_mul(x)
+                fused.quick_gelu(x)
+    finally:
+        torch.compiler.set_stance("default")
+    assert fused.fallen_back() == []
+
+
 def test_a_failing_compile_falls_back_to_eager(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
