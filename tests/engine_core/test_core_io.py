@@ -17,6 +17,7 @@ from dealer import Client
 from test_scheduler import FakeRunner, expected_tokens
 
 from apiserver.launch.run_dir import engine_address
+from engine_core import core
 from engine_core.__main__ import ready_message
 from engine_core.batch import Chunk, StepResult
 from engine_core.core import EngineCore, EngineFailed
@@ -232,3 +233,41 @@ def test_a_step_that_cannot_be_scheduled_is_logged_not_spun_on(
     assert 2 <= len(calls) < 12 and not eng.thread.is_alive()
     assert "no step could be scheduled" in caplog.text and "'num_waiting': 1" in caplog.text
     client.close()
+
+
+class SlowOnce(FakeRunner):
+    """A runner whose first step takes ``seconds``."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(num_slots=4, max_model_len=2 * LONG)
+        self._sleep = seconds
+
+    def execute(self, chunks: list[Chunk], **kw: Any) -> StepResult:
+        time.sleep(self._sleep)
+        self._sleep = 0.0
+        return super().execute(chunks, **kw)
+
+
+def test_a_slow_step_writes_every_threads_stack(
+    tmp_path: Path,
+    ctx: zmq.Context[Any],
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setattr(core, "SLOW_STEP_DUMP_S", 0.3)
+    eng = Engine(tmp_path, SlowOnce(1.0))
+    try:
+        client = Client(ctx, eng.address, 0, POLL_MS)
+        client.hello()
+        time.sleep(1.0)  # idle: waiting for work is not a slow step
+        assert "Timeout" not in capfd.readouterr().err
+        client.send(request("r0", 5, max_tokens=3))
+        got = client.collect({"r0"})
+        assert [t for o in got["r0"] for t in o.new_token_ids] == expected_tokens(5, "r0", 3)
+        client.close()
+    finally:
+        _stop(eng, ctx)
+    err = capfd.readouterr().err
+    assert "Timeout (0:00:00.300000)!" in err, err[-2000:]
+    assert "in execute" in err and "in advance" in err  # the step's own frames
+    assert err.count("Timeout") == 1  # the fast steps after it dumped nothing
