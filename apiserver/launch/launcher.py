@@ -22,7 +22,7 @@ import msgspec
 from apiserver.config import ServerConfig
 from apiserver.cpu_budget import CpuShare, thread_environment
 from apiserver.launch.listener import describe_listener, remove_uds
-from apiserver.launch.preload import native_threads, preload
+from apiserver.launch.preload import freeze_heap, native_threads, preload
 from apiserver.launch.run_dir import RunDir, engine_address, remove_stale_run_dirs
 from apiserver.launch.supervisor import Child, Events, fork, respawn_delay, spawn
 from apiserver.launch.systemd import notify, watchdog_interval
@@ -138,11 +138,14 @@ class Launcher:
         # HELLOs then wait in ZeroMQ's queue until the engine binds (they wait for READY as
         # long as the launcher waits for the engine).
         seconds = preload()
+        frozen = freeze_heap()
         threads = native_threads()
         logger.log(
             logging.INFO if len(threads) == 1 else logging.WARNING,
-            "imported the API servers' libraries in %.1f s (the launcher has %d thread(s): %s)",
+            "imported the API servers' libraries in %.1f s, %d objects frozen out of the "
+            "garbage collector's reach (the launcher has %d thread(s): %s)",
             seconds,
+            frozen,
             len(threads),
             ", ".join(threads),
         )

@@ -1,7 +1,8 @@
 """The CPU budget end to end: `fanin serve` confined to one CPU (as `taskset` or a cpuset
 would) sizes everything from that one core, and a thread count the user exported is kept
-and said so; the plan shows in the launcher's log and in every API server's, and render
-threads run at a lower priority than the event loop."""
+and said so; the plan shows in the launcher's log and in every API server's, render
+threads run at a lower priority than the event loop, and start-up state is frozen out of
+the garbage collector's reach."""
 
 from __future__ import annotations
 
@@ -32,11 +33,17 @@ def test_one_cpu_means_one_server_one_thread_and_a_user_setting_is_kept(
             r"OPENBLAS_NUM_THREADS=3 kept from the environment",
             log,
         ), log[-3000:]
+        # Start-up state is frozen out of the garbage collector's reach (a full collection of
+        # it took most of a second) in the launcher before it forks, in each server once its
+        # tokenizer is loaded, and in the engine before it serves.
+        for who in ("fanin.launcher: imported", "api-server-0 apiserver:", "engine_core: serving"):
+            found = re.search(who + r".* (\d+) objects frozen out of the garbage collector", log)
+            assert found and int(found.group(1)) > 100_000, (who, log[-3000:])
         servers = [p for p in descendants(fanin.proc.pid) if "api-server" in cmdline(p)]
         assert len(servers) == 1
         assert os.sched_getaffinity(servers[0]) == {cpu}
         # The engine's math libraries are capped at its cores too (at least one thread).
-        assert re.search(r"engine_core: serving .* \(1 CPU math thread\(s\)\)", log), log[-3000:]
+        assert re.search(r"engine_core: serving .* \(1 CPU math thread\(s\),", log), log[-3000:]
         reply = fanin.client(timeout=120).completions.create(
             model=fanin.client().models.list().data[0].id, prompt="hello", max_tokens=2
         )
