@@ -51,16 +51,6 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             "OpenBLAS, tokenizers); auto: its share of the cores per render worker"
         ),
     ] = "auto"
-    renderer_niceness: Annotated[
-        int,
-        Meta(
-            ge=0,
-            le=19,
-            description="how much lower the preprocessing threads' CPU priority is than the "
-            "event loops' and the engine core's (Linux nice increment; 0: the same): on a "
-            "full machine the latency-bound threads run first",
-        ),
-    ] = 10
     engine_cpu_cores: Annotated[
         Annotated[int, Meta(ge=0)] | Literal["auto"],
         Meta(description="cores kept out of the API servers' share for the engine core; auto: 2"),

@@ -15,11 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import logging
 import math
-import os
-import sys
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +34,6 @@ from apiserver.protocol import ChatMessage, ImagePart, TextPart
 from ipc.messages import MultiModalItem, Ready
 
 T = TypeVar("T")
-log = logging.getLogger(__name__)
 
 _TORCH_DTYPES = {
     "float32": torch.float32,
@@ -72,12 +67,7 @@ class Renderer:
         # own truncation/padding: transformers then reconfigures the Rust tokenizer, a mutable
         # borrow that fails with "Already borrowed" while another thread encodes
         # (huggingface/transformers#47085). Calls here never set either.
-        self._pool = ThreadPoolExecutor(
-            num_workers,
-            thread_name_prefix="render",
-            initializer=_lower_priority,
-            initargs=(config.renderer_niceness,),
-        )
+        self._pool = ThreadPoolExecutor(num_workers, thread_name_prefix="render")
         self._num_workers = num_workers
         self._pending = 0  # renders waiting for a thread or running on one
         self._pixel_dtype = _TORCH_DTYPES[ready.pixel_dtype]
@@ -314,23 +304,6 @@ class Renderer:
 
     def _outside_vocabulary(self, param: str) -> ApiError:
         return ApiError(400, f"token ids must be in [0, {self._ready.vocab_size})", param=param)
-
-
-def _lower_priority(niceness: int) -> None:
-    """A render thread's start: raise its nice value by ``niceness``. Renders are the bulk,
-    elastic work; the event loop (HTTP, /health) and the engine core's busy loop are
-    latency-bound, and the engine is the host's bottleneck once renders are cheap. At equal
-    priority, 14 servers x 2 render threads on 16 cores leave the engine's thread a share of
-    a core like any render thread's when they saturate the host (14 servers served less than
-    8: bench/results/scaleout.md). Linux only: there ``setpriority`` takes a thread id;
-    elsewhere the id would not name this thread."""
-    if niceness == 0 or sys.platform != "linux":
-        return
-    tid = threading.get_native_id()
-    try:
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, 0) + niceness))
-    except OSError as exc:  # a sandbox that forbids it: run at the process's priority
-        log.warning("render thread priority left as is: %s", exc)
 
 
 def _settings_hash(processor: Any, ready: Ready) -> hashlib._Hash:

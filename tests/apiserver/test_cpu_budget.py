@@ -4,22 +4,17 @@ applied before torch loads (checked in a fresh interpreter)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer
 
 from apiserver import cpu_budget
 from apiserver.config import ServerConfig
 from apiserver.cpu_budget import BudgetError, CpuShare, cgroup_cpu_quota, plan, usable_cores
-from apiserver.renderer import Renderer
-from ipc import messages
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -237,31 +232,3 @@ def test_the_api_server_module_does_not_import_torch_before_its_budget() -> None
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
-
-
-def _nice() -> int:
-    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="thread priorities are set on Linux only")
-@pytest.mark.parametrize("niceness", [10, 0])
-def test_render_threads_run_below_the_event_loop(default_model_dir: Path, niceness: int) -> None:
-    ready = messages.Ready(
-        protocol_version=messages.PROTOCOL_VERSION,
-        model=str(default_model_dir),
-        max_model_len=512,
-        vocab_size=1000,
-        kv_capacity_tokens=512,
-        max_num_seqs=4,
-        supports_images=False,
-        supports_embeddings=False,
-        supports_generation=True,
-    )
-    config = ServerConfig(renderer_niceness=niceness)
-    renderer = Renderer(AutoTokenizer.from_pretrained(default_model_dir), None, ready, config, 2)
-    try:
-        loop_nice = _nice()
-        assert asyncio.run(renderer.run(_nice)) == min(19, loop_nice + niceness)
-        assert _nice() == loop_nice  # the caller's own priority is untouched
-    finally:
-        renderer.close()
