@@ -14,7 +14,8 @@ thread, rendering, on the wire, or in the engine's waiting queue. The limits, ch
    requests queued ahead of it (waiting for a render thread on any server, or in the engine's
    waiting queue) over the rate the engine has been admitting requests, measured while there
    was a queue (a host below capacity says nothing of it, so such time leaves the estimate
-   alone). Requests being rendered are in service, not queued:
+   alone; inline, every admitted request but the one on the loop is queued). Requests
+   being rendered are in service, not queued:
    counting them refused a closed loop of 4 clients on a 2-core host, whose renders take half
    a second each, for "2.2 s of work" with nothing queued at all;
 5. prompt tokens waiting in the engine (``--max-queued-tokens``).
@@ -194,7 +195,13 @@ class Admission:
         (every 0.1 s) calls this too: the drain rate is measured whether or not new requests
         arrive."""
         pending_here = max(0, self.inflight - self._num_sent())
-        self._table.publish_pending(self._row, pending_here, self._renders.queued)
+        # Inline, the event loop renders one request at a time and every other one admitted
+        # here waits for it (the render pool's queue stays empty): counting none of them
+        # admitted requests to time out behind the loop (GPU host, 1x overload: 714 client
+        # timeouts) instead of refusing them.
+        inline = self._config.preprocess_mode == "inline"
+        queued_here = max(0, pending_here - 1) if inline else self._renders.queued
+        self._table.publish_pending(self._row, pending_here, queued_here)
         load, arrived = self._engine_load()
         queued = load.num_waiting + self._table.total_queued()
         self.drain.observe(load.num_admitted, queued > 0, arrived)

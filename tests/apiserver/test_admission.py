@@ -142,6 +142,24 @@ def test_the_wait_counts_queued_renders_not_those_in_service(tmp_path: Path) -> 
     assert "5 requests wait to start, about 2.5 s of work" in host.refused(0).message
 
 
+def test_inline_every_admitted_request_but_one_waits_for_the_loop(tmp_path: Path) -> None:
+    """Inline, the loop renders one request at a time: the rest of those admitted and not yet
+    in the engine are queued (the render pool's count stays at 0)."""
+    host = Host(tmp_path, max_queue_wait=2.0, preprocess_mode="inline")
+    a = host.servers[0]
+    host.load = EngineLoad(num_waiting=1)
+    a.refresh()
+    host.now = 0.5
+    a.refresh()
+    host.now, host.load = 1.5, EngineLoad(num_waiting=1, num_admitted=2)  # 2 a second
+    a.refresh()
+    assert a.drain.per_s == pytest.approx(2.0)
+    host.load = EngineLoad(num_admitted=2)
+    for _ in range(6):  # one rendering on the loop, five waiting for it: 2.5 s of work
+        a.enter()
+    assert "5 requests wait to start, about 2.5 s of work" in host.refused(0).message
+
+
 def test_idle_time_leaves_the_drain_rate_alone() -> None:
     drain = DrainRate()
     drain.observe(0, True, -0.5)
