@@ -119,8 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     # What lives now (torch, transformers, the model, compiled kernels: over 400,000 objects)
     # lives as long as the engine. A full collection walks all of it holding the GIL, the IO
     # thread's heartbeats included (600-750 ms on the 2-core CI machine, more with inductor's
-    # compiled kernels); frozen, it is skipped.
-    gc.collect()
+    # compiled kernels); frozen, it is skipped (``apiserver.launch.preload.freeze_heap``).
     gc.freeze()
     io.start()
     io_started = True
