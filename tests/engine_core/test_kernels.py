@@ -16,33 +16,40 @@ from engine_core.model.kernels import Kernels
 CPU = torch.device("cpu")
 
 
-def test_every_kernel_traces_whole_and_matches_eager() -> None:
+@pytest.fixture(scope="module")
+def fused() -> Kernels:
+    """Compiled once for the module: a compile of the six kernels costs CI's 2 cores ~10 s."""
     torch._dynamo.reset()
-    fused = Kernels.compiled(CPU, torch.float32, backend="aot_eager")
-    assert fused.is_compiled
-    x = torch.randn(5, 32)
-    w = torch.randn(32)
-    qk = torch.randn(5, 3, 2, 8)
-    cos, sin = torch.randn(5, 1, 8), torch.randn(5, 1, 8)
-    eager = Kernels.eager()
-    torch.testing.assert_close(fused.rms_norm(x, w, 1e-6), eager.rms_norm(x, w, 1e-6))
-    for got, want in zip(
-        fused.add_rms_norm(x, x * 2, w, 1e-5), eager.add_rms_norm(x, x * 2, w, 1e-5), strict=True
-    ):
-        torch.testing.assert_close(got, want)
-    for name in ("rotary", "rotary_fp32"):
-        got = getattr(fused, name)(qk[:, 0], qk[:, 1], cos, sin)
-        want = getattr(eager, name)(qk[:, 0], qk[:, 1], cos, sin)
-        torch.testing.assert_close(got, want)
-    torch.testing.assert_close(fused.silu_mul(x), eager.silu_mul(x))
-    torch.testing.assert_close(fused.quick_gelu(x), eager.quick_gelu(x))
+    compiled = Kernels.compiled(CPU, torch.float32, backend="aot_eager")
+    assert compiled.is_compiled
+    return compiled
 
 
-def test_the_start_up_compile_serves_the_steps_without_recompiling() -> None:
+def test_every_kernel_traces_whole_and_matches_eager(fused: Kernels) -> None:
+    with torch.no_grad():  # as the engine runs them
+        x = torch.randn(5, 32)
+        w = torch.randn(32)
+        qk = torch.randn(5, 3, 2, 8)
+        cos, sin = torch.randn(5, 1, 8), torch.randn(5, 1, 8)
+        eager = Kernels.eager()
+        torch.testing.assert_close(fused.rms_norm(x, w, 1e-6), eager.rms_norm(x, w, 1e-6))
+        for got, want in zip(
+            fused.add_rms_norm(x, x * 2, w, 1e-5),
+            eager.add_rms_norm(x, x * 2, w, 1e-5),
+            strict=True,
+        ):
+            torch.testing.assert_close(got, want)
+        for name in ("rotary", "rotary_fp32"):
+            got = getattr(fused, name)(qk[:, 0], qk[:, 1], cos, sin)
+            want = getattr(eager, name)(qk[:, 0], qk[:, 1], cos, sin)
+            torch.testing.assert_close(got, want)
+        torch.testing.assert_close(fused.silu_mul(x), eager.silu_mul(x))
+        torch.testing.assert_close(fused.quick_gelu(x), eager.quick_gelu(x))
+
+
+def test_the_start_up_compile_serves_the_steps_without_recompiling(fused: Kernels) -> None:
     """Steps run under no_grad with 1 row or many: what ``compiled`` compiled must serve them
     all (a recompile while serving stalls the step; here it raises, and the kernel falls back)."""
-    torch._dynamo.reset()
-    fused = Kernels.compiled(CPU, torch.float32, backend="aot_eager")
     torch.compiler.set_stance("fail_on_recompile")
     try:
         with torch.no_grad():
