@@ -185,13 +185,12 @@ class Events:
         for sig, handler in self._old_handlers.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
         signal.set_wakeup_fd(self._old_wakeup_fd)
-        self._selector.close()
-        self._wake_r.close()
-        self._wake_w.close()
+        self.close_in_child()
 
     def close_in_child(self) -> None:
-        """Release the selector and the wakeup socket in a forked child (whose handlers
-        ``fork`` already reset), without touching the signal state the parent keeps."""
+        """Release the selector and the wakeup socket: the end of ``__exit__``, and all of it
+        in a forked child (whose handlers ``fork`` already reset), where the signal state the
+        parent keeps must not be touched."""
         self._selector.close()
         self._wake_r.close()
         self._wake_w.close()

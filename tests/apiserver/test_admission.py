@@ -120,19 +120,25 @@ def test_the_wait_limit_uses_the_drain_rate_once_measured(tmp_path: Path) -> Non
     a.check()  # 1.5 s of work: admitted
 
 
+def _drain_two_a_second(host: Host, server: Admission, waiting: int) -> None:
+    """``server`` measures a drain of 2 requests a second while ``waiting`` wait in the
+    engine (the window opens at the second snapshot), then the engine's queue empties."""
+    host.load = EngineLoad(num_waiting=waiting)
+    server.refresh()
+    host.now = 0.5
+    server.refresh()
+    host.now, host.load = 1.5, EngineLoad(num_waiting=waiting, num_admitted=2)
+    server.refresh()
+    assert server.drain.per_s == pytest.approx(2.0)
+    host.load = EngineLoad(num_admitted=2)
+
+
 def test_the_wait_counts_queued_renders_not_those_in_service(tmp_path: Path) -> None:
     """Requests on a render thread are being served: only those waiting for one (on any
     server) and the engine's waiting queue are ahead of a new request."""
     host = Host(tmp_path, max_queue_wait=2.0)
     a, b = host.servers
-    host.load = EngineLoad(num_waiting=3)
-    a.refresh()
-    host.now = 0.5
-    a.refresh()
-    host.now, host.load = 1.5, EngineLoad(num_waiting=3, num_admitted=2)  # 2 a second
-    a.refresh()
-    assert a.drain.per_s == pytest.approx(2.0)
-    host.load = EngineLoad(num_admitted=2)
+    _drain_two_a_second(host, a, waiting=3)
     for _ in range(6):  # six renders in service on server 0, none queued
         a.enter()
     a.check()  # 6 pending are 3 s at that rate, but none of them is queued
@@ -147,14 +153,7 @@ def test_inline_every_admitted_request_but_one_waits_for_the_loop(tmp_path: Path
     in the engine are queued (the render pool's count stays at 0)."""
     host = Host(tmp_path, max_queue_wait=2.0, preprocess_mode="inline")
     a = host.servers[0]
-    host.load = EngineLoad(num_waiting=1)
-    a.refresh()
-    host.now = 0.5
-    a.refresh()
-    host.now, host.load = 1.5, EngineLoad(num_waiting=1, num_admitted=2)  # 2 a second
-    a.refresh()
-    assert a.drain.per_s == pytest.approx(2.0)
-    host.load = EngineLoad(num_admitted=2)
+    _drain_two_a_second(host, a, waiting=1)
     for _ in range(6):  # one rendering on the loop, five waiting for it: 2.5 s of work
         a.enter()
     assert "5 requests wait to start, about 2.5 s of work" in host.refused(0).message
