@@ -36,6 +36,12 @@ logger = logging.getLogger(__name__)
 
 #: Longest silence towards a connected API server; they declare the engine dead after 5 s.
 HEARTBEAT_S = 0.5
+#: The longest the thread reads and prepares inbound messages before it sends what is queued
+#: and heartbeats. Reading until the socket is empty starved the sends: on the GPU host a burst
+#: of image requests (a pinned copy of each one's pixels in ``prepare``) kept the socket
+#: readable for 5 s, no output or heartbeat left, and every API server declared the engine
+#: dead and failed all it had in flight.
+RECEIVE_SLICE_S = 0.02
 #: How long closing the socket may wait for a final message (ENGINE_DEAD) to leave. A plain
 #: shutdown does not wait: API servers are being stopped too.
 FINAL_LINGER_MS = 2000
@@ -135,7 +141,7 @@ class EngineIO:
             while True:
                 events = dict(poller.poll(HEARTBEAT_S * 500))
                 if self._sock in events:
-                    self._receive_all(encoder, decoder)
+                    self._receive_some(encoder, decoder)
                 if self._wake_r in events:
                     os.read(self._wake_r, 4096)
                 if self._signal_fd in events:
@@ -157,8 +163,11 @@ class EngineIO:
                 reason = f"signal {signal.Signals(signum).name}"
                 self.inbox.put(Inbound(b"", messages.Shutdown(reason)))
 
-    def _receive_all(self, encoder: Encoder, decoder: Decoder) -> None:
-        while self._sock.poll(0):
+    def _receive_some(self, encoder: Encoder, decoder: Decoder) -> None:
+        """What the socket holds, for at most ``RECEIVE_SLICE_S``; the poll comes back at once
+        for the rest."""
+        deadline = time.monotonic() + RECEIVE_SLICE_S
+        while time.monotonic() < deadline and self._sock.poll(0):
             client, frames = transport.recv_routed(self._sock)
             try:
                 msg = decoder.decode(frames)

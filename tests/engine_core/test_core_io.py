@@ -128,6 +128,36 @@ def test_prepare_runs_in_the_io_thread_first(tmp_path: Path, ctx: zmq.Context[An
         _stop(eng, ctx)
 
 
+def test_outputs_leave_while_a_burst_of_requests_is_prepared(
+    tmp_path: Path, ctx: zmq.Context[Any]
+) -> None:
+    """A burst that keeps the socket readable for seconds (each message's ``prepare`` slow, as
+    pinning a photo's pixels can be) must not hold back outputs and heartbeats: the IO thread
+    reads for at most RECEIVE_SLICE_S before it sends. Reading until the socket was empty,
+    the first output left only after the whole burst was prepared."""
+    prepared: list[str] = []
+
+    def slow_prepare(msg: Any) -> None:
+        time.sleep(0.05)
+        prepared.append(msg.request_id)
+
+    eng = Engine(tmp_path, FakeRunner(num_slots=4), slow_prepare)
+    try:
+        client = Client(ctx, eng.address, 0, POLL_MS)
+        client.hello()
+        burst = [f"b{i}" for i in range(40)]
+        for rid in burst:
+            client.send(request(rid, 5, max_tokens=1))
+        while not (msg := client.recv()).outputs:
+            pass
+        assert len(prepared) <= len(burst) // 2, f"first output after {len(prepared)} prepares"
+        got = client.collect(set(burst) - {o.request_id for o in msg.outputs})
+        assert all(got[rid][-1].finish_reason == "length" for rid in got)
+        client.close()
+    finally:
+        _stop(eng, ctx)
+
+
 def test_corrupt_frames_and_bad_requests_do_not_kill(engine: Engine, ctx: zmq.Context[Any]) -> None:
     client = Client(ctx, engine.address, 0, POLL_MS)
     client.hello()
