@@ -9,6 +9,7 @@ server is sent ENGINE_DEAD first), 2 for a bad command line or config.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import gc
 import logging
 import os
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.parent_pid is not None:
         die_with_parent(args.parent_pid)
     name_process("fanin-engine-core")
+    faulthandler.enable()  # a fatal signal in native code (CUDA, compiled kernels) shows where
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s engine-core %(levelname)s %(name)s: %(message)s"
     )
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     # heavy imports: after the fast checks
-    from engine_core.model.host import pin_pixels
+    from engine_core.model.host import PixelPinner
     from engine_core.model.runner_factory import load_runner
 
     try:
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             args.engine_address,
             ready,
             signal_fd=signal_r,
-            prepare=pin_pixels if runner.device.type == "cuda" else None,
+            prepare=PixelPinner() if runner.device.type == "cuda" else None,
         )
     except Exception:  # no client is connected yet: the launcher sees the exit status
         logger.error("engine startup failed:\n%s", traceback.format_exc())

@@ -148,7 +148,7 @@ class DecoderRunner(ModelRunner):
         self.release(request.request_id)
         merge = self.vision.merge_size if self.vision else 1
         state = RequestState(
-            request, self.encoder_cache, merge, self.spec.mrope_section is not None, self.device
+            request, self.encoder_cache, merge, self.spec.mrope_section is not None
         )
         self.states[request.request_id] = state
         return state

@@ -24,6 +24,7 @@ import torch
 from transformers import AutoImageProcessor, PretrainedConfig
 
 from engine_core.model.errors import ModelLoadError
+from engine_core.model.host import pinned
 
 Transfer = Literal["auto", "uint8", "normalized"]
 _NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -104,7 +105,10 @@ class PixelInput:
         )
 
     def to_tower(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(rows, patch_dim) wire pixels -> the same shape in the tower's dtype on its device."""
+        """(rows, patch_dim) wire pixels -> the same shape in the tower's dtype on its device.
+        Pixels the IO thread did not pin (its budget was spent) are pinned here: an upload from
+        pageable memory would wait for the step in flight."""
+        pixel_values = pinned(pixel_values, self.device)
         if pixel_values.dtype != torch.uint8:
             return pixel_values.to(self.device, self.dtype, non_blocking=True)
         assert self.scale is not None and self.shift is not None and self.divisor is not None

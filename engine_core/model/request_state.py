@@ -14,7 +14,6 @@ import torch
 
 from engine_core.batch import Chunk, images_by_offset
 from engine_core.model.encoder_cache import EncoderCache
-from engine_core.model.host import pinned
 from engine_core.model.positions import mrope_positions, text_positions
 from ipc.messages import EngineRequest
 
@@ -30,8 +29,10 @@ class ImageState:
 
 
 class RequestState:
-    """What the runner remembers about one admitted request. ``device``: where its images will
-    be encoded (pixels are copied to pinned memory for CUDA, so their upload is queued)."""
+    """What the runner remembers about one admitted request. Its pixels stay as they came (the
+    IO thread pins what its budget allows; the rest is pinned when encoded): requests are
+    admitted as they arrive, and pinning each here put every waiting photo's copy on the
+    busy loop."""
 
     def __init__(
         self,
@@ -39,7 +40,6 @@ class RequestState:
         cache: EncoderCache,
         merge: int,
         is_mrope: bool,
-        device: torch.device,
     ) -> None:
         self.request_id = request.request_id
         self.prompt_len = int(request.prompt_token_ids.size)
@@ -53,7 +53,7 @@ class RequestState:
                     item.offset,
                     item.length,
                     tuple(item.grid_thw),
-                    None if pixels is None or embeds is not None else pinned(pixels, device),
+                    None if embeds is not None else pixels,
                     embeds,
                 )
             )

@@ -58,7 +58,7 @@ def test_text_between_two_images_and_decode_positions(
     request = image_request("q", processor_out, hf_model.config.image_token_id)
     first, second = request.mm_items
     assert second.offset > first.offset + first.length  # text tokens lie between them
-    state = RequestState(request, EncoderCache(0), 2, is_mrope=True, device=torch.device("cpu"))
+    state = RequestState(request, EncoderCache(0), 2, is_mrope=True)
     n = request.prompt_token_ids.size
     assert state.positions is not None
     both = state.chunk_positions(n - 3, 6)  # the prompt's tail and three generated tokens
