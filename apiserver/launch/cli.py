@@ -10,6 +10,7 @@ names the flag.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import re
@@ -224,6 +225,10 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from apiserver.launch.listener import LaunchError, bind_listener, remove_uds
 
     name_process("fanin-launcher")
+    # A fatal signal (SIGSEGV in native code, SIGABRT) writes every thread's stack to the
+    # log, here and in the API servers forked from this process (the handler and its fd are
+    # inherited). On the GPU host one of 14 servers died of SIGSEGV at start, saying nothing.
+    faulthandler.enable()
     try:
         # Bound before the model is checked or built: a port in use fails in milliseconds.
         listener = bind_listener(server)
