@@ -39,6 +39,12 @@ KILL_GRACE_S = 5.0
 ENGINE_STOP_TIMEOUT_S = 10.0
 #: A server that dies before it is ready, or this soon after start, is crash-looping.
 FAST_FAILURE_S = 1.0
+#: How many times one API server killed by a signal during start-up is started again before
+#: `fanin serve` gives up. A signal (SIGSEGV, the OOM killer's SIGKILL) is the mark of a
+#: crash that may not come back: on the GPU host one of 14 servers died of SIGSEGV at start
+#: once, and the whole start failed with it. A server that exits with a status instead met
+#: an error it will meet again (its tokenizer does not load): that fails the start at once.
+STARTUP_CRASH_RETRIES = 2
 
 
 class Launcher:
@@ -184,8 +190,8 @@ class Launcher:
         assert engine is not None
         timeout = self.server_cfg.engine_ready_timeout
         deadline = time.monotonic() + timeout
-        children = [engine, *self.servers.values()]
-        while not all(c.is_ready for c in children):
+        crashes: dict[int, int] = {}
+        while not all(c.is_ready for c in (engine, *self.servers.values())):
             events = self._wait(None if engine.is_ready else deadline)
             if not events:
                 logger.error("engine core not ready within %g s (engine_ready_timeout)", timeout)
@@ -196,7 +202,20 @@ class Launcher:
                     return 0
                 if tag == "exit":
                     assert isinstance(obj, Child)
-                    logger.error("%s exited with code %s during startup", obj.name, obj.exit_code)
+                    code = obj.exit_code
+                    if obj is not engine and code is not None and code < 0:
+                        index = self._forget(obj)
+                        crashes[index] = crashes.get(index, 0) + 1
+                        if crashes[index] <= STARTUP_CRASH_RETRIES:
+                            logger.error(
+                                "%s (pid %d) was killed by %s during startup; starting it again",
+                                obj.name,
+                                obj.pid,
+                                _signal_name(-code),
+                            )
+                            self._spawn_server(index)
+                            continue
+                    logger.error("%s exited with code %s during startup", obj.name, code)
                     return 1
                 if tag == "ready" and obj is engine:
                     logger.info("engine core ready")
@@ -255,7 +274,9 @@ class Launcher:
                     del self._respawn_at[index]
                     self._spawn_server(index)
 
-    def _schedule_respawn(self, child: Child) -> None:
+    def _forget(self, child: Child) -> int:
+        """Clear what a dead API server leaves (its load-table row, its metrics files);
+        returns its index."""
         index = next(i for i, c in self.servers.items() if c is child)
         assert self.load_table is not None
         self.load_table.clear(index)  # its connections died with it
@@ -265,6 +286,10 @@ class Launcher:
             multiprocess.mark_process_dead(child.pid, self.metrics_dir)
         except OSError as e:
             logger.warning("could not clean metrics of pid %d: %s", child.pid, e)
+        return index
+
+    def _schedule_respawn(self, child: Child) -> None:
+        index = self._forget(child)
         crashed_early = not child.is_ready or time.monotonic() - child.started < FAST_FAILURE_S
         failures = self._fast_failures.get(index, 0) + 1 if crashed_early else 0
         self._fast_failures[index] = failures

@@ -181,6 +181,24 @@ def start_fanin(
 ) -> Fanin:
     """Start `fanin serve` on loopback (``port``, or a free one; on the CPUs ``cpus`` only, if
     given) and wait for its READY=1."""
+    fanin = launch_fanin(tmp_path, model, *flags, env=env, port=port, cpus=cpus)
+    try:
+        fanin.wait_notice("READY=1", START_TIMEOUT_S)
+    except BaseException:
+        fanin.kill_tree()
+        raise
+    return fanin
+
+
+def launch_fanin(
+    tmp_path: Path,
+    model: Path | None,
+    *flags: str,
+    env: dict[str, str] | None = None,
+    port: int | None = None,
+    cpus: set[int] | None = None,
+) -> Fanin:
+    """``start_fanin`` without the wait."""
     port = port or free_port()
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify_path = tmp_path / f"notify-{port}.sock"
@@ -197,13 +215,7 @@ def start_fanin(
             env={**os.environ, **(env or {}), "NOTIFY_SOCKET": str(notify_path)},
             preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus),
         )
-    fanin = Fanin(proc, port, notify, log_path)
-    try:
-        fanin.wait_notice("READY=1", START_TIMEOUT_S)
-    except BaseException:
-        fanin.kill_tree()
-        raise
-    return fanin
+    return Fanin(proc, port, notify, log_path)
 
 
 def get(fanin: Fanin, path: str) -> httpx.Response:

@@ -1,6 +1,7 @@
 """The launcher's life cycle with real processes: systemd notifications, draining on SIGTERM,
 engine death, a SIGKILLed launcher (and its run dir, removed by the next one), and the errors
-that stop it before it starts. Each test that destroys a server starts its own."""
+that stop it before it starts (and a crash that does not). Each test that destroys a server
+starts its own."""
 
 from __future__ import annotations
 
@@ -18,7 +19,17 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from fanin_proc import Fanin, descendants, fanin_command, free_port, get, start_fanin, wait_gone
+from fanin_proc import (
+    START_TIMEOUT_S,
+    Fanin,
+    descendants,
+    fanin_command,
+    free_port,
+    get,
+    launch_fanin,
+    start_fanin,
+    wait_gone,
+)
 
 from apiserver.launch import default_model
 
@@ -197,6 +208,41 @@ def test_engine_failing_to_load_is_reported_with_its_exit_code(
     result = _serve_fails(str(broken), "--port", "0")
     assert result.returncode != 0
     assert "engine core exited with code 1 during startup" in result.stderr
+
+
+def test_an_api_server_crashing_during_startup_is_started_again(
+    default_model_dir: Path, tmp_path: Path
+) -> None:
+    """A server killed by a signal before it is ready (one of 14 died of SIGSEGV at start on
+    the GPU host, and the whole start failed with it) is started again, and `fanin serve`
+    comes up with every server; its stack is in the log."""
+    fanin = launch_fanin(tmp_path, default_model_dir, "--api-server-count", "2")
+    try:
+        started = re.compile(r"api server 1 started \(pid (\d+)\)")
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not (found := started.search(fanin.log())) and time.monotonic() < deadline:
+            assert fanin.proc.poll() is None, fanin.log()[-3000:]
+            time.sleep(0.02)
+        assert found, fanin.log()[-3000:]
+        crashed = int(found.group(1))
+        os.kill(crashed, signal.SIGSEGV)  # it waits for the engine's READY: not ready yet
+        fanin.wait_notice("READY=1", START_TIMEOUT_S)
+        log = fanin.log()
+        assert (
+            f"api server 1 (pid {crashed}) was killed by SIGSEGV during startup; "
+            "starting it again" in log
+        )
+        assert "Fatal Python error: Segmentation fault" in log
+        seen = set()
+        for _ in range(200):  # fresh connections: the kernel spreads them over both servers
+            response = get(fanin, "/ready")
+            assert response.status_code == 200
+            seen.add(response.headers["x-fanin-server"])
+            if seen == {"0", "1"}:
+                break
+        assert seen == {"0", "1"}
+    finally:
+        fanin.kill_tree()
 
 
 def test_second_sigint_exits_at_once(default_model_dir: Path, tmp_path: Path) -> None:
