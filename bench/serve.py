@@ -1,6 +1,11 @@
 """One ``fanin serve`` for a sweep: started as ``python -m apiserver.launch.cli serve`` (that works
-installed or from a source tree on PYTHONPATH), ready once ``/ready`` answers 200, stopped
-with SIGTERM, and checked to leave no process behind.
+installed or from a source tree on PYTHONPATH), ready once its launcher says READY=1 (the
+systemd notification, sent when every API server is ready), stopped with SIGTERM, and checked
+to leave no process behind.
+
+Not ``/ready`` answering 200: that is one API server's word. At 14 servers on the GPU host one
+server answered while another had died at start, the launcher gave up a moment later, and the
+sweep measured a closed port.
 
 The server runs in its own session so that a Ctrl-C at the terminal reaches only the bench,
 which then stops the server itself. Its stdout and stderr go to a log file.
@@ -11,16 +16,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench import proc
-from bench.http_client import Client, HttpError, fetch
 from bench.target import Target, parse_target
 
 _READY_POLL_S = 0.25
@@ -55,6 +61,12 @@ class ServedFanin:
         self.log_path = log_path
         self.target: Target = parse_target(f"http://127.0.0.1:{port}")
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        # A short path of its own: an AF_UNIX path holds at most 107 bytes.
+        self._notify_dir = tempfile.mkdtemp(prefix="fanin-bench-")
+        self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._notify.bind(os.path.join(self._notify_dir, "notify"))
+        self._notify.setblocking(False)
+        env = {**env, "NOTIFY_SOCKET": self._notify.getsockname()}
         with log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 argv,
@@ -83,18 +95,20 @@ class ServedFanin:
     def pid(self) -> int:
         return self.proc.pid
 
-    async def wait_ready(self, timeout: float, api_key: str | None = None) -> str | None:
-        """Poll ``/ready`` until 200. None when ready, else why not (exited, timed out)."""
-        client = Client(self.target, keep_alive=False)
-        headers = [("Authorization", f"Bearer {api_key}")] if api_key else []
+    async def wait_ready(self, timeout: float) -> str | None:
+        """Wait for the launcher's READY=1. None when ready, else why not (exited, timed
+        out)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             code = self.proc.poll()
             if code is not None:
                 return f"exited with code {code} before it was ready"
-            with contextlib.suppress(HttpError):
-                status, _ = await fetch(client, "/ready", headers, timeout=2.0)
-                if status == 200:
+            while True:
+                try:
+                    notice = self._notify.recv(4096)
+                except BlockingIOError:
+                    break
+                if b"READY=1" in notice.split(b"\n"):
                     return None
             await asyncio.sleep(_READY_POLL_S)
         return f"not ready after {timeout:g} s"
@@ -130,6 +144,8 @@ class ServedFanin:
             killed += [names.get(pid) or proc.process_name(pid) for pid in left]
             self._kill(left)
             proc.wait_gone(left, _AFTER_LAUNCHER_S)
+        self._notify.close()
+        shutil.rmtree(self._notify_dir, ignore_errors=True)
         return StopReport(self.proc.returncode, killed, time.monotonic() - start)
 
     def _kill(self, pids: list[int]) -> None:

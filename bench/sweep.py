@@ -147,7 +147,7 @@ class Sweep:
             # Within --time-budget, the server's stop must fit too.
             usable = context.deadline - _STOP_RESERVE_S - time.monotonic()
             start_timeout = min(self.sweep.server_start_timeout, usable)
-            problem = await server.wait_ready(max(1.0, start_timeout), context.api_key)
+            problem = await server.wait_ready(max(1.0, start_timeout))
             if problem is not None:
                 base.update(status="failed to start", error=problem, log_tail=server.log_tail())
                 return [base]
