@@ -73,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.parent_pid is not None:
         die_with_parent(args.parent_pid)
     name_process("fanin-engine-core")
-    faulthandler.enable()  # a fatal signal in native code (CUDA, compiled kernels) shows where
+    # A fatal signal in native code (CUDA, compiled kernels) shows where; fd 2, as the
+    # launcher does, in case sys.stderr is a stand-in without a descriptor.
+    faulthandler.enable(file=2)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s engine-core %(levelname)s %(name)s: %(message)s"
     )

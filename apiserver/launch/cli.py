@@ -228,7 +228,9 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     # A fatal signal (SIGSEGV in native code, SIGABRT) writes every thread's stack to the
     # log, here and in the API servers forked from this process (the handler and its fd are
     # inherited). On the GPU host one of 14 servers died of SIGSEGV at start, saying nothing.
-    faulthandler.enable()
+    # fd 2, not sys.stderr: that may be a stand-in without a descriptor (main() called
+    # in-process, its output captured).
+    faulthandler.enable(file=2)
     try:
         # Bound before the model is checked or built: a port in use fails in milliseconds.
         listener = bind_listener(server)
