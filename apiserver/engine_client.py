@@ -190,6 +190,7 @@ class EngineClient:
                     metrics.ENGINE_RUNNING.set(msg.load.num_running)
                     metrics.ENGINE_WAITING.set(msg.load.num_waiting)
                     metrics.ENGINE_KV_USAGE.set(msg.load.kv_usage)
+                    metrics.ENGINE_ENCODER_CACHE.set(msg.load.encoder_cache_bytes)
                     for out in msg.outputs:
                         self._route(out)
                 elif isinstance(msg, Ready):

@@ -52,6 +52,11 @@ ENGINE_KV_USAGE = Gauge(
     "share of the engine's KV cache slots taken",
     multiprocess_mode="mostrecent",
 )
+ENGINE_ENCODER_CACHE = Gauge(
+    "fanin_engine_encoder_cache_bytes",
+    "bytes of image-encoder outputs the engine caches",
+    multiprocess_mode="mostrecent",
+)
 INFLIGHT = Gauge(
     "fanin_server_inflight", "requests in flight", ["server"], multiprocess_mode="livesum"
 )

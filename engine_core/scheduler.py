@@ -62,6 +62,9 @@ class RequestGate(Protocol):
 
     def release(self, request_id: str) -> None: ...
 
+    @property
+    def encoder_cache_bytes(self) -> int: ...
+
 
 @dataclass(slots=True)
 class ScheduledStep:
@@ -254,6 +257,7 @@ class Scheduler:
             used / self.facts.num_slots,
             num_waiting_tokens=sum(s.num_pending for s in self.waiting),
             num_admitted=self.num_admitted,
+            encoder_cache_bytes=self._gate.encoder_cache_bytes,
         )
 
     def stats(self) -> dict[str, int]:

@@ -169,6 +169,9 @@ class EngineLoad(_Msg, frozen=True):  # type: ignore[misc]
     #: Requests that started running since the engine started, preemptions counted again: API
     #: servers derive the rate the engine drains its queue at from its growth.
     num_admitted: int = 0
+    #: Bytes of image-encoder outputs the engine keeps (``--encoder-cache-bytes`` bounds the
+    #: ones no request holds).
+    encoder_cache_bytes: int = 0
 
 
 class TokenLogprobs(_Msg):

@@ -312,3 +312,7 @@ class DecoderRunner(ModelRunner):
 
     def reset_encoder_cache(self) -> None:
         self.encoder_cache.clear()
+
+    @property
+    def encoder_cache_bytes(self) -> int:
+        return self.encoder_cache.total_bytes

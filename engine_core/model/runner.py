@@ -48,6 +48,11 @@ class ModelRunner(ABC):
     def reset_encoder_cache(self) -> None:  # noqa: B027 (a no-op where there is no cache)
         """Forget cached image-encoder outputs that no running request holds."""
 
+    @property
+    def encoder_cache_bytes(self) -> int:
+        """Bytes of image-encoder outputs cached (0 where there is no cache)."""
+        return 0
+
 
 #: ``--max-num-batched-tokens`` by default: vLLM's serving figures (a big GPU's step takes
 #: several image prompts of ~1,000 tokens at once; 2,048 holds about two beside 64 decodes,

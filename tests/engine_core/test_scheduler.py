@@ -68,6 +68,7 @@ class FakeRunner:
             image_token_id=None,
         )
         self.device = torch.device("cpu")
+        self.encoder_cache_bytes = 0
         self.kv: dict[int, list[int]] = {}
         self.owner: dict[int, str] = {}
         self.released: list[str] = []
@@ -494,8 +495,10 @@ def test_load_snapshot() -> None:
     for i in range(3):
         h.add(f"r{i}", 5, max_tokens=5, ignore_eos=True)
     h.step()
+    h.runner.encoder_cache_bytes = 4096
     load = h.scheduler.load()
     assert (load.num_running, load.num_waiting, load.kv_usage) == (2, 1, 0.5)
+    assert load.encoder_cache_bytes == 4096
 
 
 @pytest.mark.parametrize("n", [1, 2])

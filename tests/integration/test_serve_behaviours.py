@@ -591,6 +591,8 @@ def test_images_good_and_bad(main: Fanin, media_dir: Path) -> None:
     both = _chat_with_images(main, image_data_url("coffee"), photo)
     one = _chat_with_images(main, photo)
     assert both.usage.prompt_tokens > one.usage.prompt_tokens > 100  # placeholder tokens
+    # The engine keeps their encoder outputs, and says how many bytes in every load snapshot.
+    assert _sample(_metrics(main), "fanin_engine_encoder_cache_bytes") > 0
 
     big = io.BytesIO()
     Image.new("L", (1500, 1500)).save(big, "PNG")  # 2.25 Mpixel > this server's 1 Mpixel
