@@ -49,6 +49,18 @@ def _stream(fanin: Fanin, max_tokens: int) -> openai.Stream:  # type: ignore[typ
     )
 
 
+def _both_servers_answer_ready(fanin: Fanin) -> None:
+    """/ready on fresh connections (the kernel spreads them) gets 200 from server 0 and 1."""
+    seen: set[str] = set()
+    for _ in range(200):
+        response = get(fanin, "/ready")
+        assert response.status_code == 200
+        seen.add(response.headers["x-fanin-server"])
+        if seen == {"0", "1"}:
+            break
+    assert seen == {"0", "1"}
+
+
 def test_ready_and_watchdog_notices_then_sigterm_drains_streams_and_exits_0(
     default_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -61,14 +73,7 @@ def test_ready_and_watchdog_notices_then_sigterm_drains_streams_and_exits_0(
         fanin.wait_notice("WATCHDOG=1", 3)
         # READY=1 came only after both servers serve: every request succeeds at once, and both
         # servers answer.
-        seen: set[str] = set()
-        for _ in range(200):
-            response = get(fanin, "/ready")
-            assert response.status_code == 200
-            seen.add(response.headers["x-fanin-server"])
-            if seen == {"0", "1"}:
-                break
-        assert seen == {"0", "1"}
+        _both_servers_answer_ready(fanin)
         children = descendants(fanin.proc.pid)
         assert len(children) == 3  # engine + 2 API servers
 
@@ -233,14 +238,7 @@ def test_an_api_server_crashing_during_startup_is_started_again(
             "starting it again" in log
         )
         assert "Fatal Python error: Segmentation fault" in log
-        seen = set()
-        for _ in range(200):  # fresh connections: the kernel spreads them over both servers
-            response = get(fanin, "/ready")
-            assert response.status_code == 200
-            seen.add(response.headers["x-fanin-server"])
-            if seen == {"0", "1"}:
-                break
-        assert seen == {"0", "1"}
+        _both_servers_answer_ready(fanin)
     finally:
         fanin.kill_tree()
 
