@@ -34,6 +34,7 @@ from bench.datasets import sharegpt_prompts
 from bench.runner_loop import run_engine
 from engine_core.model.kernels import Kernels
 from engine_core.model.loader import iter_tensors
+from engine_core.model.pixels import PixelInput
 from engine_core.model.runner_factory import load_runner
 from engine_core.model.vision import VisionEncoder
 from ipc.config import EngineConfig
@@ -121,12 +122,15 @@ def vision_report(
     hf32_tower = hf.model.visual.float()
     reference = hf_tower(hf32_tower, torch.float32)
     hf.model.visual.to(dtype)
+    vision_config = hf.config.vision_config
     ours32 = VisionEncoder(
         hf.config.model_type,
-        hf.config.vision_config,
+        vision_config,
         torch.float32,
         torch.device(device),
         Kernels.eager(),
+        # the processor's float output, as HF's tower takes it
+        PixelInput(torch.device(device), torch.float32, int(vision_config.in_channels)),
     )
     ours32.load_weights([t for t in iter_tensors(model_dir) if t.key.startswith("visual.")], "")
     ours_f32 = torch.cat(ours32.encode(images))

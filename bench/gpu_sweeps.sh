@@ -23,6 +23,9 @@
 #             py-spy (when present, idle samples included: a thread's samples are its wall
 #             time): one closed-loop run, then where each process's time went
 #             (bench/stacks.py; the engine core within its serving loop).
+#   kernels   (issue 11) where the GPU time of the tower and of a prefill step goes
+#             (bench/engine_profile.py: kernel kinds, attention backends, GEMM rates), for
+#             the 2B-shaped model and the default model.
 #   overload  (issue 13) the default model at 1x and 2x the rate that saturates 4 API
 #             servers, for 4 x auto, inline 1x1 and pool 1x14, with a 10 s client timeout.
 #
@@ -33,8 +36,8 @@
 # Needs the repo root on PYTHONPATH (no install). Writes OUT_DIR/gpu.txt and one folder per
 # sweep (sweep.json, sweep.md ready to paste, sweep.png, the servers' logs).
 set -euo pipefail
-part=${1:?usage: bench/gpu_sweeps.sh baseline|scaleout|rest|vl|profile|overload OUT_DIR}
-out=${2:?usage: bench/gpu_sweeps.sh baseline|scaleout|rest|vl|profile|overload OUT_DIR}
+part=${1:?usage: bench/gpu_sweeps.sh baseline|scaleout|rest|vl|profile|kernels|overload OUT_DIR}
+out=${2:?usage: bench/gpu_sweeps.sh baseline|scaleout|rest|vl|profile|kernels|overload OUT_DIR}
 budget=${BUDGET_S:-540}
 py=${PYTHON:-python3}
 start=$(date +%s)
@@ -152,13 +155,23 @@ profile)
         gzip -f "$out/stacks.raw"
     fi
     ;;
+kernels)
+    for m in 2b default; do
+        [[ $m == default ]] || build_2b || { echo "the 2B model build failed"; continue; }
+        echo "== engine_profile $m ($(left) s left)"
+        timeout "$(left 5)" $py bench/engine_profile.py --model "$work/$m" \
+            --out "$out/engine_profile_$m.json" >"$out/engine_profile_$m.log" 2>&1 ||
+            echo "engine_profile $m: exit $?"
+        grep -v -E "Loading weights|^(USDT|ERROR|WARNING):" "$out/engine_profile_$m.log" | tail -n 60
+    done
+    ;;
 overload)
     sweep "${SWEEP_NAME:-overload}" "$work/default" --rate-multiples 1 2 --warmup-seconds 2 --duration 8 \
         --num-prompts 20000 --request-timeout 10 --server-start-timeout 120 \
         --time-budget "$(left)" --configs ${OVERLOAD_CONFIGS:-4xauto inline:1x1 pool:1x14}
     ;;
 *)
-    echo "unknown part $part (baseline, scaleout, rest, vl, profile, overload)" >&2
+    echo "unknown part $part (baseline, scaleout, rest, vl, profile, kernels, overload)" >&2
     exit 2
     ;;
 esac

@@ -6,7 +6,9 @@ add, rsqrt, multiply, downcast, scale), and a decode step of a 28-layer model la
 thousand of them: inside a CUDA graph the launches are free but each kernel still costs the GPU
 a few microseconds, several times what the weights take to read at batch 1. ``Kernels.compiled``
 runs the same functions through ``torch.compile`` (dynamic shapes, so one compile serves every
-batch size): each becomes one fused kernel. CPU always runs them eagerly, which is what the
+batch size): each becomes one fused kernel; the vision tower's three memory-bound ones are
+our own Triton kernels on CUDA instead (``triton_kernels``: inductor's ran at a fifth to a third
+of the copy bandwidth on the tower's shapes). CPU always runs them eagerly, which is what the
 tests compare with HF token for token; compiled kernels keep intermediates in fp32, so on CUDA
 a result may differ from eager in the last bf16 bit.
 """
@@ -48,13 +50,28 @@ def rotary(
     return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 
-def rotary_fp32(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+def add_layer_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The vision tower's rotation: computed in fp32 (cos/sin (N, 1, D) fp32), cast back."""
+    """``s = residual + x`` in the model dtype, then ``(layer_norm(s), s)`` (the vision
+    tower's residual add and its next LayerNorm: one kernel compiled, two reads of ``s``
+    saved)."""
+    summed = residual + x
+    return F.layer_norm(summed, summed.shape[-1:], weight, bias, eps), summed
+
+
+def qkv_rotary_fp32(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The vision tower's attention inputs from its packed projection ``qkv`` (N, 3, H, D):
+    q and k rotated in fp32 (cos/sin (N, 1, D) fp32) and cast back, v as it is, each its own
+    contiguous (N, H, D) tensor. Compiled, the three come out of one pass over ``qkv``
+    (separately, the strided reads of q and k ran at a sixth of the copy bandwidth)."""
+    q, k, v = qkv.unbind(1)
     return (
-        apply_rotary(q.float(), cos, sin).to(q.dtype),
-        apply_rotary(k.float(), cos, sin).to(k.dtype),
+        apply_rotary(q.float(), cos, sin).to(qkv.dtype),
+        apply_rotary(k.float(), cos, sin).to(qkv.dtype),
+        v.contiguous(),
     )
 
 
@@ -76,21 +93,26 @@ class Kernels:
     rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
     add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-    rotary_fp32: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    add_layer_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    qkv_rotary_fp32: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     silu_mul: Callable[[torch.Tensor], torch.Tensor]
     quick_gelu: Callable[[torch.Tensor], torch.Tensor]
     is_compiled: bool = False
 
     @classmethod
     def eager(cls) -> Kernels:
-        return cls(rms_norm, add_rms_norm, rotary, rotary_fp32, silu_mul, quick_gelu)
+        return cls(
+            rms_norm, add_rms_norm, rotary, add_layer_norm, qkv_rotary_fp32, silu_mul, quick_gelu
+        )
 
     @classmethod
     def compiled(
         cls, device: torch.device, dtype: torch.dtype, backend: str = "inductor"
     ) -> Kernels:
         """The compiled kernels, tried once on small inputs of ``dtype`` on ``device``; the
-        eager ones (with a warning) where torch.compile is unavailable or fails."""
+        eager ones (with a warning) where torch.compile is unavailable or fails. On CUDA the
+        vision tower's memory-bound kernels are our Triton ones (``triton_kernels``) where
+        they pass the same check, the compiled ones where they do not."""
         eager = _fields(cls.eager())
         try:
             fast = {name: _compile(fn, backend) for name, fn in eager.items()}
@@ -98,6 +120,8 @@ class Kernels:
         except Exception as exc:  # a missing compiler or a codegen bug costs speed, not service
             logger.warning("torch.compile of the fused kernels failed; running eager: %r", exc)
             return cls.eager()
+        if device.type == "cuda":
+            fast.update(_triton_kernels(eager, device, dtype))
         return cls(
             **{name: _Guarded(name, fn, eager[name]) for name, fn in fast.items()},
             is_compiled=True,
@@ -138,10 +162,31 @@ def _fields(kernels: Kernels) -> dict[str, Callable[..., Any]]:
         "rms_norm": kernels.rms_norm,
         "add_rms_norm": kernels.add_rms_norm,
         "rotary": kernels.rotary,
-        "rotary_fp32": kernels.rotary_fp32,
+        "add_layer_norm": kernels.add_layer_norm,
+        "qkv_rotary_fp32": kernels.qkv_rotary_fp32,
         "silu_mul": kernels.silu_mul,
         "quick_gelu": kernels.quick_gelu,
     }
+
+
+def _triton_kernels(
+    eager: dict[str, Callable[..., Any]], device: torch.device, dtype: torch.dtype
+) -> dict[str, Callable[..., Any]]:
+    """Our Triton kernels by name, checked against eager; none (with a warning) where Triton
+    is missing or a kernel fails the check."""
+    try:
+        from engine_core.model import triton_kernels
+
+        fast = {
+            "add_layer_norm": triton_kernels.add_layer_norm,
+            "qkv_rotary_fp32": triton_kernels.qkv_rotary_fp32,
+            "quick_gelu": triton_kernels.quick_gelu,
+        }
+        _try(fast, eager, device, dtype)
+    except Exception as exc:  # the compiled kernels compute the same values
+        logger.warning("the Triton kernels failed their check; compiled ones instead: %r", exc)
+        return {}
+    return fast
 
 
 def _compile(fn: Callable[..., Any], backend: str) -> Callable[..., Any]:
@@ -171,10 +216,12 @@ def _try(
             "rms_norm": (x, w, 1e-6),
             "add_rms_norm": (x, x, w, 1e-6),
             "rotary": (qk[:, 0], qk[:, 1], cos.to(dtype), cos.to(dtype)),
-            "rotary_fp32": (qk[:, 0], qk[:, 1], cos, cos),
+            "add_layer_norm": (x, x, w, w, 1e-6),
+            "qkv_rotary_fp32": (qk, cos, cos),
             "silu_mul": (x,),
             "quick_gelu": (x,),
         }
-        for name, args in cases.items():
-            got, want = fast[name](*args), eager[name](*args)
+        for name, fn in fast.items():
+            args = cases[name]
+            got, want = fn(*args), eager[name](*args)
             torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)

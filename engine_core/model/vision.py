@@ -8,6 +8,7 @@ tower itself never looks at an image boundary except through ``cu_seqlens``.
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -20,9 +21,11 @@ from engine_core.model.host import to_device
 from engine_core.model.kernels import Kernels
 from engine_core.model.loader import CheckpointTensor, copy_into
 from engine_core.model.pixels import PixelInput
-from engine_core.model.vision_attention import Segments, varlen_kernel
+from engine_core.model.vision_attention import Segments, tower_attention
 from engine_core.model.vision_grid import GridLayout, grid_layout
 from engine_core.model.vision_tower import Tower, checkpoint_targets, tower_spec
+
+logger = logging.getLogger(__name__)
 
 Grid = tuple[int, int, int]
 #: Bytes of per-grid tables (layout and fp32 cos/sin on the device) kept between calls.
@@ -57,9 +60,10 @@ class VisionEncoder:
         self.pixel_input = pixel_input
         self.merge_size = self.spec.merge
         self.patch_dim = self.spec.patch_dim
-        self._varlen = varlen_kernel(device, dtype, self.spec.num_heads, self.spec.head_dim)
+        self.attention = tower_attention(device, dtype, self.spec.num_heads, self.spec.head_dim)
+        logger.info("vision attention: %s", self.attention.describe())
         with torch.device("meta"):
-            tower = Tower(self.spec, kernels, self._varlen)
+            tower = Tower(self.spec, kernels, self.attention)
         self.tower = tower.to_empty(device=device).to(dtype).eval()
         half = self.spec.head_dim // 2
         exponents = torch.arange(0, half, 2, dtype=torch.float32) / half
@@ -69,7 +73,7 @@ class VisionEncoder:
 
     @property
     def uses_flash(self) -> bool:
-        return self._varlen is not None
+        return self.attention.varlen is not None
 
     def load_weights(self, tensors: list[CheckpointTensor], source: str) -> None:
         """Copy ``visual.*`` tensors in; raise ModelLoadError for a missing or misshapen one."""
@@ -126,9 +130,9 @@ class VisionEncoder:
 
     def _segments(self, lens: list[int]) -> Segments:
         cu = None
-        if self._varlen is not None and lens:
+        if self.attention.needs_cu and lens:
             cu = to_device(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32), self.device)
-        return Segments(lens, cu, max(lens, default=0))
+        return Segments.of(lens, cu)
 
     def _orders(self, layouts: list[GridLayout]) -> tuple[torch.Tensor | None, ...]:
         """The batch's patch permutation and unit un-permutation (None without windows)."""

@@ -20,7 +20,7 @@ from transformers import PretrainedConfig
 
 from engine_core.model.errors import ModelLoadError
 from engine_core.model.kernels import Kernels
-from engine_core.model.vision_attention import Segments, Varlen, attend
+from engine_core.model.vision_attention import Segments, TowerAttention
 
 NORM_EPS = 1e-6
 
@@ -94,23 +94,30 @@ class Norm(nn.Module):
             return self.kernels.rms_norm(x, self.weight, NORM_EPS)
         return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, NORM_EPS)
 
+    def add_forward(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(norm(residual + x), residual + x)``: the residual add fused into the norm."""
+        if self.bias is None:
+            return self.kernels.add_rms_norm(x, residual, self.weight, NORM_EPS)
+        return self.kernels.add_layer_norm(x, residual, self.weight, self.bias, NORM_EPS)
+
 
 class Attention(nn.Module):
-    def __init__(self, spec: TowerSpec, kernels: Kernels, varlen: Varlen | None) -> None:
+    def __init__(self, spec: TowerSpec, kernels: Kernels, attention: TowerAttention) -> None:
         super().__init__()
         self.num_heads, self.head_dim = spec.num_heads, spec.head_dim
         self.qkv = nn.Linear(spec.embed_dim, 3 * spec.embed_dim, bias=True)
         self.proj = nn.Linear(spec.embed_dim, spec.embed_dim, bias=True)
-        self.kernels, self.varlen = kernels, varlen
+        self.kernels, self.attention = kernels, attention
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: Segments
     ) -> torch.Tensor:
         n = x.shape[0]
         qkv = self.qkv(x).view(n, 3, self.num_heads, self.head_dim)
-        q, k = self.kernels.rotary_fp32(qkv[:, 0], qkv[:, 1], cos, sin)
-        v = qkv[:, 2].contiguous()
-        out = attend(q, k, v, segments, self.head_dim**-0.5, self.varlen)
+        q, k, v = self.kernels.qkv_rotary_fp32(qkv, cos, sin)
+        out = self.attention(q, k, v, segments, self.head_dim**-0.5)
         return self.proj(out.reshape(n, -1))
 
 
@@ -141,18 +148,29 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, spec: TowerSpec, kernels: Kernels, varlen: Varlen | None) -> None:
+    def __init__(self, spec: TowerSpec, kernels: Kernels, attention: TowerAttention) -> None:
         super().__init__()
         self.norm1 = Norm(spec.embed_dim, spec.is_qwen2_5, kernels)
         self.norm2 = Norm(spec.embed_dim, spec.is_qwen2_5, kernels)
-        self.attn = Attention(spec, kernels, varlen)
+        self.attn = Attention(spec, kernels, attention)
         self.mlp = Mlp(spec, kernels)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: Segments
-    ) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cos, sin, segments)
-        return x + self.mlp(self.norm2(x))
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        segments: Segments,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the MLP's output, the residual stream before it is added): the next norm adds
+        them, so each residual add is fused into the norm after it."""
+        if residual is None:
+            h, residual = self.norm1(x), x
+        else:
+            h, residual = self.norm1.add_forward(x, residual)
+        h, residual = self.norm2.add_forward(self.attn(h, cos, sin, segments), residual)
+        return self.mlp(h), residual
 
 
 class Merger(nn.Module):
@@ -165,18 +183,20 @@ class Merger(nn.Module):
         self.fc1 = nn.Linear(self.width, self.width, bias=True)
         self.fc2 = nn.Linear(self.width, spec.out_dim, bias=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(self.ln_q(x).view(-1, self.width))))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``x`` the last block's output, ``residual`` the stream it is added to."""
+        h, _ = self.ln_q.add_forward(x, residual)
+        return self.fc2(F.gelu(self.fc1(h.view(-1, self.width))))
 
 
 class Tower(nn.Module):
     """patches (N, patch_dim), in tower order -> merged units (N / merge^2, out_dim)."""
 
-    def __init__(self, spec: TowerSpec, kernels: Kernels, varlen: Varlen | None) -> None:
+    def __init__(self, spec: TowerSpec, kernels: Kernels, attention: TowerAttention) -> None:
         super().__init__()
         self.spec = spec
         self.patch_embed = nn.Linear(spec.patch_dim, spec.embed_dim, bias=False)
-        self.blocks = nn.ModuleList(Block(spec, kernels, varlen) for _ in range(spec.depth))
+        self.blocks = nn.ModuleList(Block(spec, kernels, attention) for _ in range(spec.depth))
         self.merger = Merger(spec, kernels)
 
     def forward(
@@ -188,11 +208,12 @@ class Tower(nn.Module):
         windows: Segments | None,
     ) -> torch.Tensor:
         """cos/sin (N, 1, head_dim) fp32; ``windows`` for the windowed blocks (Qwen2.5-VL)."""
-        x = self.patch_embed(patches)
+        x, residual = self.patch_embed(patches), None
         for i, block in enumerate(self.blocks):
             segments = full if i in self.spec.full_blocks or windows is None else windows
-            x = block(x, cos, sin, segments)
-        return self.merger(x)
+            x, residual = block(x, residual, cos, sin, segments)
+        assert residual is not None, "a tower has at least one block"
+        return self.merger(x, residual)
 
 
 def checkpoint_targets(spec: TowerSpec) -> dict[str, tuple[str, slice | None]]:

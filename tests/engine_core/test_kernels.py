@@ -18,7 +18,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def fused() -> Kernels:
-    """Compiled once for the module: a compile of the six kernels costs CI's 2 cores ~10 s."""
+    """Compiled once for the module: a compile of the seven kernels costs CI's 2 cores ~10 s."""
     torch._dynamo.reset()
     compiled = Kernels.compiled(CPU, torch.float32, backend="aot_eager")
     assert compiled.is_compiled
@@ -39,10 +39,16 @@ def test_every_kernel_traces_whole_and_matches_eager(fused: Kernels) -> None:
             strict=True,
         ):
             torch.testing.assert_close(got, want)
-        for name in ("rotary", "rotary_fp32"):
-            got = getattr(fused, name)(qk[:, 0], qk[:, 1], cos, sin)
-            want = getattr(eager, name)(qk[:, 0], qk[:, 1], cos, sin)
-            torch.testing.assert_close(got, want)
+        torch.testing.assert_close(
+            fused.rotary(qk[:, 0], qk[:, 1], cos, sin), eager.rotary(qk[:, 0], qk[:, 1], cos, sin)
+        )
+        torch.testing.assert_close(
+            fused.qkv_rotary_fp32(qk, cos, sin), eager.qkv_rotary_fp32(qk, cos, sin)
+        )
+        b = torch.randn(32)
+        torch.testing.assert_close(
+            fused.add_layer_norm(x, x * 2, w, b, 1e-6), eager.add_layer_norm(x, x * 2, w, b, 1e-6)
+        )
         torch.testing.assert_close(fused.silu_mul(x), eager.silu_mul(x))
         torch.testing.assert_close(fused.quick_gelu(x), eager.quick_gelu(x))
 
@@ -59,7 +65,8 @@ def test_the_start_up_compile_serves_the_steps_without_recompiling(fused: Kernel
                 fused.rms_norm(x, w, 1e-6)
                 fused.add_rms_norm(x, x, w, 1e-6)
                 fused.rotary(qk[:, 0], qk[:, 1], cos, cos)
-                fused.rotary_fp32(qk[:, 0], qk[:, 1], cos, cos)
+                fused.qkv_rotary_fp32(qk, cos, cos)
+                fused.add_layer_norm(x, x, w, w, 1e-6)
                 fused.silu_mul(x)
                 fused.quick_gelu(x)
     finally:

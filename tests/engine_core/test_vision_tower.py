@@ -5,6 +5,7 @@ image what it gets alone."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -111,12 +112,12 @@ def test_missing_packed_shard_is_named(qwen2_5: tuple[Any, Any]) -> None:
         _encoder("qwen2_5_vl", config, tensors)
 
 
-def test_a_varlen_kernel_is_used_only_if_it_runs_and_agrees_with_sdpa() -> None:
+def test_an_attention_kernel_is_used_only_if_it_runs_and_agrees_with_sdpa() -> None:
     from engine_core.model import vision_attention as va
 
     def per_segment(q: Any, k: Any, v: Any, cu: Any, max_len: int, scale: float) -> Any:
         lens = torch.diff(cu).tolist()
-        return va.attend(q, k, v, va.Segments(lens, None, max_len), scale, None)
+        return va.attend_runs(q, k, v, va.Segments.of(lens), scale, None)
 
     def wrong(q: Any, k: Any, v: Any, cu: Any, max_len: int, scale: float) -> Any:
         return torch.nn.functional.scaled_dot_product_attention(  # one segment: all of them
@@ -126,7 +127,56 @@ def test_a_varlen_kernel_is_used_only_if_it_runs_and_agrees_with_sdpa() -> None:
     def broken(*args: Any) -> Any:
         raise RuntimeError("head dim not supported")
 
-    assert va._problem(per_segment, CPU, torch.float32, 4, 16) is None
-    assert "relative error" in (va._problem(wrong, CPU, torch.float32, 4, 16) or "")
-    assert "head dim not supported" in (va._problem(broken, CPU, torch.float32, 4, 16) or "")
-    assert va.varlen_kernel(CPU, torch.float32, 4, 16) is None
+    def check(kernel: Any) -> str | None:
+        return va._problem(va.TowerAttention(varlen=kernel), CPU, torch.float32, 4, 16)
+
+    assert check(per_segment) is None
+    assert "relative error" in (check(wrong) or "")
+    assert "head dim not supported" in (check(broken) or "")
+    # The batched form: every SDPA backend that runs on the CPU agrees with itself per run.
+    batched = va.TowerAttention(batched=torch.nn.attention.SDPBackend.MATH)
+    assert va._problem(batched, CPU, torch.float32, 4, 16) is None
+    on_cpu = va.tower_attention(CPU, torch.float32, 4, 16)
+    assert on_cpu.varlen is None and on_cpu.batched is None
+
+
+def test_segments_know_their_runs_and_each_call_takes_the_path_it_fits() -> None:
+    """Few runs of shapes seen ``warm_after`` times: the batched backend; many runs, or a
+    shape not seen often enough yet, or past ``max_shapes``: varlen. Same values either way."""
+    from engine_core.model import vision_attention as va
+
+    segments = va.Segments.of([64, 64, 5, 64, 64, 64])
+    assert segments.runs == ((64, 2), (5, 1), (64, 3)) and segments.max_len == 64
+    calls: list[str] = []
+
+    def varlen(q: Any, k: Any, v: Any, cu: Any, max_len: int, scale: float) -> Any:
+        calls.append("varlen")
+        return va.attend_runs(q, k, v, va.Segments.of(torch.diff(cu).tolist()), scale, None)
+
+    attention = va.TowerAttention(
+        varlen=varlen, batched=torch.nn.attention.SDPBackend.MATH, warm_after=2, max_shapes=2
+    )
+    gen = torch.Generator().manual_seed(0)
+
+    def path(lens: list[int]) -> str:
+        n = sum(lens)
+        q, k, v = (torch.randn(n, 2, 8, generator=gen) for _ in range(3))
+        cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32)
+        calls.clear()
+        got = attention(q, k, v, va.Segments.of(lens, cu), 8**-0.5)
+        want = torch.cat(
+            [
+                torch.nn.functional.scaled_dot_product_attention(
+                    *(x[a:b].transpose(0, 1) for x in (q, k, v)), scale=8**-0.5
+                ).transpose(0, 1)
+                for a, b in itertools.pairwise([0, *itertools.accumulate(lens)])
+            ]
+        )
+        torch.testing.assert_close(got, want)
+        return calls[0] if calls else "batched"
+
+    assert [path([64, 64, 5]) for _ in range(3)] == ["varlen", "varlen", "batched"]
+    assert attention.built_shapes == 2  # (2 x 64) and (1 x 5)
+    assert path([8, 5] * 3) == "varlen"  # six runs: one varlen call beats six batched ones
+    assert [path([32]) for _ in range(3)] == ["varlen"] * 3  # no third shape is built
+    assert attention.built_shapes == 2

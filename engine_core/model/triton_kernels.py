@@ -1,0 +1,146 @@
+"""Hand-written Triton kernels for the vision tower's memory-bound pieces, on CUDA.
+
+The tower runs three elementwise passes per block over ~16,000 patches x 1,280 (x 5,120 in
+the MLP) for a step of four 1024x768 photos. ``torch.compile``'s kernels for them ran at a
+fifth to a third of the H200's copy bandwidth (``bench/engine_profile.py``: quick_gelu 194-387
+us a call where reading and writing its 164 MB take 78 us at 4.2 TB/s), and they were a quarter
+of the tower's GPU time. Each kernel here does one pass at full width:
+
+- ``quick_gelu``: ``x * sigmoid(1.702 x)``, flat;
+- ``qkv_rotary_fp32``: one program per patch reads its packed q | k | v row once and writes
+  q and k rotated (fp32 arithmetic, as HF) and v, each to its own contiguous tensor;
+- ``add_layer_norm``: one program per patch: the residual add (rounded to the model dtype, as
+  HF adds) and the LayerNorm of the sum in fp32.
+
+Same arithmetic as the eager functions in ``engine_core.model.kernels`` except that every
+intermediate stays in fp32 and is rounded once, so a result may differ from eager in the last
+bit of the model dtype (as the compiled kernels' do). Integer sizes that vary per call are
+not specialised on (``do_not_specialize``), so no new size compiles a kernel while serving;
+the per-model sizes (heads, head_dim, width) are compile-time constants, compiled when the
+engine first runs the tower (its start-up memory profile). Tests run them through Triton's
+interpreter on the CPU (tests/engine_core/test_triton_kernels.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+#: Elements per program of the flat kernels.
+FLAT_BLOCK = 4096
+
+
+@triton.jit(do_not_specialize=["n"])
+def _quick_gelu_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    x = tl.load(x_ptr + offsets, mask=mask).to(tl.float32)
+    y = x * tl.sigmoid(1.702 * x)
+    tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    n = x.numel()
+    if n:
+        _quick_gelu_kernel[(triton.cdiv(n, FLAT_BLOCK),)](x, y, n, BLOCK=FLAT_BLOCK)
+    return y
+
+
+@triton.jit
+def _qkv_rotary_kernel(
+    qkv_ptr,
+    cos_ptr,
+    sin_ptr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    dims = tl.arange(0, BLOCK_D)[None, :]
+    mask = (heads < H) & (dims < D)
+    half: tl.constexpr = D // 2
+    # rotate_half(x) = [-x[half:], x[:half]]: lane d reads lane d +- half, negated below half
+    partner = heads * D + tl.where(dims < half, dims + half, dims - half)
+    sign = tl.where(dims < half, -1.0, 1.0)
+    cos = tl.load(cos_ptr + row * D + dims, mask=dims < D)
+    sin = tl.load(sin_ptr + row * D + dims, mask=dims < D)
+    inner = heads * D + dims
+    src = qkv_ptr + row * (3 * H * D)
+    out = row * (H * D) + inner
+    for which in tl.static_range(2):
+        part = src + which * (H * D)
+        x = tl.load(part + inner, mask=mask).to(tl.float32)
+        other = tl.load(part + partner, mask=mask).to(tl.float32)
+        rotated = (x * cos + sign * other * sin).to(q_ptr.dtype.element_ty)
+        if which == 0:
+            tl.store(q_ptr + out, rotated, mask=mask)
+        else:
+            tl.store(k_ptr + out, rotated, mask=mask)
+    tl.store(v_ptr + out, tl.load(src + 2 * (H * D) + inner, mask=mask), mask=mask)
+
+
+def qkv_rotary_fp32(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``qkv`` (N, 3, H, D); cos/sin (N, 1, D) fp32 -> q, k rotated and v, each (N, H, D)."""
+    n, _, heads, dim = qkv.shape
+    qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
+    q, k, v = (torch.empty(n, heads, dim, dtype=qkv.dtype, device=qkv.device) for _ in range(3))
+    if n:
+        _qkv_rotary_kernel[(n,)](
+            qkv,
+            cos,
+            sin,
+            q,
+            k,
+            v,
+            H=heads,
+            D=dim,
+            BLOCK_H=triton.next_power_of_2(heads),
+            BLOCK_D=triton.next_power_of_2(dim),
+        )
+    return q, k, v
+
+
+@triton.jit(do_not_specialize=["eps"])
+def _add_layer_norm_kernel(
+    x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, s_ptr, eps, E: tl.constexpr, BLOCK: tl.constexpr
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < E
+    at = row * E + cols
+    x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(r_ptr + at, mask=mask, other=0.0).to(tl.float32)
+    summed = (x + r).to(s_ptr.dtype.element_ty)  # HF adds in the model dtype
+    tl.store(s_ptr + at, summed, mask=mask)
+    s = summed.to(tl.float32)
+    mean = tl.sum(s, axis=0) / E
+    centred = tl.where(mask, s - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / E + eps)
+    w = tl.load(w_ptr + cols, mask=mask).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=mask).to(tl.float32)
+    tl.store(y_ptr + at, (centred * rstd * w + b).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def add_layer_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``s = residual + x``, then ``(layer_norm(s), s)``; x and residual (N, E)."""
+    x, residual = x.contiguous(), residual.contiguous()
+    width = x.shape[-1]
+    y, summed = torch.empty_like(x), torch.empty_like(x)
+    rows = x.numel() // width if width else 0
+    if rows:
+        _add_layer_norm_kernel[(rows,)](
+            x, residual, weight, bias, y, summed, eps, E=width, BLOCK=triton.next_power_of_2(width)
+        )
+    return y, summed
