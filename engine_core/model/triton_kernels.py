@@ -14,10 +14,13 @@ of the tower's GPU time. Each kernel here does one pass at full width:
 
 Same arithmetic as the eager functions in ``engine_core.model.kernels`` except that every
 intermediate stays in fp32 and is rounded once, so a result may differ from eager in the last
-bit of the model dtype (as the compiled kernels' do). Integer sizes that vary per call are
-not specialised on (``do_not_specialize``), so no new size compiles a kernel while serving;
-the per-model sizes (heads, head_dim, width) are compile-time constants, compiled when the
-engine first runs the tower (its start-up memory profile). Tests run them through Triton's
+bit of the model dtype (as the compiled kernels' do). The per-model sizes (heads, head_dim,
+width) are compile-time constants and the row kernels take no other size, so they compile
+once, when the engine first runs the tower (its start-up memory profile). The flat kernel's
+length is specialised, as Triton does by default, on being a multiple of 16: that is what
+lets its loads be 16-byte vectors (without it this kernel ran as slowly as inductor's
+dynamic-shape one, which cannot assume it either); rows x the MLP width always is one for
+these models, so serving never meets a second variant. Tests run them through Triton's
 interpreter on the CPU (tests/engine_core/test_triton_kernels.py).
 """
 
@@ -31,7 +34,7 @@ import triton.language as tl
 FLAT_BLOCK = 4096
 
 
-@triton.jit(do_not_specialize=["n"])
+@triton.jit  # ``n`` specialised: a length not known to be a multiple of 16 makes every load scalar
 def _quick_gelu_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n
