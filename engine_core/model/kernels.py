@@ -6,11 +6,13 @@ add, rsqrt, multiply, downcast, scale), and a decode step of a 28-layer model la
 thousand of them: inside a CUDA graph the launches are free but each kernel still costs the GPU
 a few microseconds, several times what the weights take to read at batch 1. ``Kernels.compiled``
 runs the same functions through ``torch.compile`` (dynamic shapes, so one compile serves every
-batch size): each becomes one fused kernel; the vision tower's three memory-bound ones are
-our own Triton kernels on CUDA instead (``triton_kernels``: inductor's ran at a fifth to a third
-of the copy bandwidth on the tower's shapes). CPU always runs them eagerly, which is what the
-tests compare with HF token for token; compiled kernels keep intermediates in fp32, so on CUDA
-a result may differ from eager in the last bf16 bit.
+batch size): each becomes one fused kernel. On CUDA our own Triton kernels take their place
+(``triton_kernels``): inductor's dynamic-shape ones ran at a fifth to a third of the copy
+bandwidth on the vision tower's shapes, and each compiled call costs tens of microseconds of
+host time in dynamo's and AOT autograd's wrappers, which an eager prefill step pays four times
+a layer. CPU always runs them eagerly, which is what the tests compare with HF token for token;
+compiled and Triton kernels keep intermediates in fp32, so on CUDA a result may differ from
+eager in the last bf16 bit.
 """
 
 from __future__ import annotations
@@ -109,19 +111,22 @@ class Kernels:
     def compiled(
         cls, device: torch.device, dtype: torch.dtype, backend: str = "inductor"
     ) -> Kernels:
-        """The compiled kernels, tried once on small inputs of ``dtype`` on ``device``; the
-        eager ones (with a warning) where torch.compile is unavailable or fails. On CUDA the
-        vision tower's memory-bound kernels are our Triton ones (``triton_kernels``) where
-        they pass the same check, the compiled ones where they do not."""
+        """The fast kernels, each tried once on small inputs of ``dtype`` on ``device``
+        against its eager self: on CUDA our Triton ones (``triton_kernels``), which launch
+        straight from Python; ``torch.compile``'d ones elsewhere or where Triton is missing or
+        fails the check; the eager ones (with a warning) where compiling fails too."""
         eager = _fields(cls.eager())
+        fast = _triton_kernels(eager, device, dtype) if device.type == "cuda" else {}
+        rest = {name: fn for name, fn in eager.items() if name not in fast}
         try:
-            fast = {name: _compile(fn, backend) for name, fn in eager.items()}
-            _try(fast, eager, device, dtype)
+            compiled = {name: _compile(fn, backend) for name, fn in rest.items()}
+            _try(compiled, eager, device, dtype)
         except Exception as exc:  # a missing compiler or a codegen bug costs speed, not service
             logger.warning("torch.compile of the fused kernels failed; running eager: %r", exc)
+            compiled = rest
+        fast.update(compiled)
+        if all(fast[name] is fn for name, fn in eager.items()):
             return cls.eager()
-        if device.type == "cuda":
-            fast.update(_triton_kernels(eager, device, dtype))
         return cls(
             **{name: _Guarded(name, fn, eager[name]) for name, fn in fast.items()},
             is_compiled=True,
@@ -177,11 +182,7 @@ def _triton_kernels(
     try:
         from engine_core.model import triton_kernels
 
-        fast = {
-            "add_layer_norm": triton_kernels.add_layer_norm,
-            "qkv_rotary_fp32": triton_kernels.qkv_rotary_fp32,
-            "quick_gelu": triton_kernels.quick_gelu,
-        }
+        fast = dict(triton_kernels.KERNELS)
         _try(fast, eager, device, dtype)
     except Exception as exc:  # the compiled kernels compute the same values
         logger.warning("the Triton kernels failed their check; compiled ones instead: %r", exc)

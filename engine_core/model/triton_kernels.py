@@ -30,8 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-#: Elements per program of the flat kernels.
+#: Elements per program of the flat kernels, and of a row's part in the gated MLP's.
 FLAT_BLOCK = 4096
+ROW_BLOCK = 1024
 
 
 @triton.jit  # ``n`` specialised: a length not known to be a multiple of 16 makes every load scalar
@@ -147,3 +148,169 @@ def add_layer_norm(
             x, residual, weight, bias, y, summed, eps, E=width, BLOCK=triton.next_power_of_2(width)
         )
     return y, summed
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr,
+    r_ptr,
+    w_ptr,
+    y_ptr,
+    s_ptr,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    E: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < E
+    at = row * E + cols
+    x = tl.load(x_ptr + at, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(r_ptr + at, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(s_ptr.dtype.element_ty)
+        tl.store(s_ptr + at, x, mask=mask)
+    h = x.to(tl.float32)
+    h = h * (1.0 / tl.sqrt(tl.sum(h * h, axis=0) / E + eps))
+    # HF: normalise in fp32, cast back, then scale by the weight in the model dtype
+    w = tl.load(w_ptr + cols, mask=mask)
+    y = h.to(y_ptr.dtype.element_ty).to(tl.float32) * w.to(tl.float32)
+    tl.store(y_ptr + at, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    _launch_rms(x, x, weight, y, y, eps, has_residual=False)
+    return y
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``s = residual + x`` in the model dtype, then ``(rms_norm(s), s)``."""
+    x, residual = x.contiguous(), residual.contiguous()
+    y, summed = torch.empty_like(x), torch.empty_like(x)
+    _launch_rms(x, residual, weight, y, summed, eps, has_residual=True)
+    return y, summed
+
+
+def _launch_rms(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    y: torch.Tensor,
+    summed: torch.Tensor,
+    eps: float,
+    has_residual: bool,
+) -> None:
+    width = x.shape[-1]
+    rows = x.numel() // width if width else 0
+    if rows:
+        _rms_norm_kernel[(rows,)](
+            x,
+            residual,
+            weight,
+            y,
+            summed,
+            eps,
+            HAS_RESIDUAL=has_residual,
+            E=width,
+            BLOCK=triton.next_power_of_2(width),
+        )
+
+
+@triton.jit
+def _rotary_kernel(
+    x_ptr,
+    cos_ptr,
+    sin_ptr,
+    out_ptr,
+    row_stride,
+    head_stride,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    dims = tl.arange(0, BLOCK_D)[None, :]
+    mask = (heads < H) & (dims < D)
+    half: tl.constexpr = D // 2
+    partner = tl.where(dims < half, dims + half, dims - half)
+    sign = tl.where(dims < half, -1.0, 1.0)
+    cos = tl.load(cos_ptr + row * D + dims, mask=dims < D).to(tl.float32)
+    sin = tl.load(sin_ptr + row * D + dims, mask=dims < D).to(tl.float32)
+    src = x_ptr + row * row_stride + heads * head_stride
+    x = tl.load(src + dims, mask=mask).to(tl.float32)
+    other = tl.load(src + partner, mask=mask).to(tl.float32)
+    out = out_ptr + row * (H * D) + heads * D + dims
+    tl.store(out, (x * cos + sign * other * sin).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (T, H, D), its last dimension contiguous (a view of a packed projection is fine)."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    n, heads, dim = x.shape
+    out = torch.empty(n, heads, dim, dtype=x.dtype, device=x.device)
+    if n:
+        _rotary_kernel[(n,)](
+            x,
+            cos,
+            sin,
+            out,
+            x.stride(0),
+            x.stride(1),
+            H=heads,
+            D=dim,
+            BLOCK_H=triton.next_power_of_2(heads),
+            BLOCK_D=triton.next_power_of_2(dim),
+        )
+    return out
+
+
+def rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoder's rotation of q (T, Hq, D) and k (T, Hkv, D) by cos/sin (T, 1, D)."""
+    cos, sin = cos.contiguous(), sin.contiguous()
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+@triton.jit
+def _silu_mul_kernel(x_ptr, y_ptr, INNER: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < INNER
+    gate = tl.load(x_ptr + row * (2 * INNER) + cols, mask=mask).to(tl.float32)
+    up = tl.load(x_ptr + row * (2 * INNER) + INNER + cols, mask=mask).to(tl.float32)
+    y = gate * tl.sigmoid(gate) * up
+    tl.store(y_ptr + row * INNER + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``gate_up = [gate | up]`` along the last dimension."""
+    gate_up = gate_up.contiguous()
+    inner = gate_up.shape[-1] // 2
+    y = torch.empty(*gate_up.shape[:-1], inner, dtype=gate_up.dtype, device=gate_up.device)
+    rows = y.numel() // inner if inner else 0
+    if rows:
+        _silu_mul_kernel[(rows, triton.cdiv(inner, ROW_BLOCK))](
+            gate_up, y, INNER=inner, BLOCK=ROW_BLOCK
+        )
+    return y
+
+
+#: Every kernel of this module by the name ``engine_core.model.kernels.Kernels`` gives it.
+KERNELS = {
+    "rms_norm": rms_norm,
+    "add_rms_norm": add_rms_norm,
+    "rotary": rotary,
+    "add_layer_norm": add_layer_norm,
+    "qkv_rotary_fp32": qkv_rotary_fp32,
+    "silu_mul": silu_mul,
+    "quick_gelu": quick_gelu,
+}
