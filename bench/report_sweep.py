@@ -30,6 +30,7 @@ def entry_line(entry: dict[str, Any]) -> str:
         f"{_rate(entry):.1f} req/s, TTFT p99 {m['p99_ttft_ms']:.0f} ms, "
         f"/health p99 {h['p99_ms']:.1f} ms, failed {m['failed']}"
         + (f", server cores {cores:.1f}" if cores is not None else "")
+        + (f", API servers died {len(entry['respawns'])}" if entry.get("respawns") else "")
     )
 
 
@@ -146,6 +147,10 @@ def markdown(doc: dict[str, Any]) -> str:
     if failed:
         lines += ["", "Not measured:", ""]
         lines += [f"- {e['label']}: {e['status']}: {e.get('error', '')}" for e in failed]
+    died = [e for e in entries if e.get("respawns")]
+    if died:
+        lines += ["", "API servers that died during the run (respawned by the launcher):", ""]
+        lines += [f"- {e['label']}: {'; '.join(e['respawns'])}" for e in died]
     unclean = [e for e in entries if e.get("stop", {}).get("killed")]
     if unclean:
         lines += ["", "Had to be killed after SIGTERM:", ""]

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from apiserver.launch.launcher import RESPAWN_NOTICE
 from bench import proc
 from bench.target import Target, parse_target
 
@@ -38,6 +39,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def respawns_in(log_path: Path, offset: int = 0) -> list[str]:
+    """The launcher's lines, past byte ``offset`` of its log, about an API server that died and
+    is started again (a server dying under load shows in a sweep only this way: the launcher
+    and the other servers go on)."""
+    try:
+        with log_path.open("rb") as log:
+            log.seek(offset)
+            text = log.read().decode(errors="replace")
+    except OSError:
+        return []
+    return [line.strip() for line in text.splitlines() if RESPAWN_NOTICE in line]
 
 
 @dataclass(frozen=True)
@@ -112,6 +126,12 @@ class ServedFanin:
                     return None
             await asyncio.sleep(_READY_POLL_S)
         return f"not ready after {timeout:g} s"
+
+    def log_size(self) -> int:
+        try:
+            return self.log_path.stat().st_size
+        except OSError:
+            return 0
 
     def log_tail(self, lines: int = 20) -> str:
         try:

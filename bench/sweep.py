@@ -40,7 +40,7 @@ from bench.config import BenchConfig, SweepConfig, from_args, validate
 from bench.images import DistinctImages
 from bench.report import machine, run_result
 from bench.runner import Run
-from bench.serve import ServedFanin
+from bench.serve import ServedFanin, respawns_in
 from bench.specs import ServerSpec, parse_env, resolve_specs
 from bench.workload import Model, Workload, WorkloadError
 
@@ -160,8 +160,15 @@ class Sweep:
             for label, multiple in self._runs(spec, context):
                 entry = {**base, "label": label}
                 entries.append(entry)
+                offset = server.log_size()
                 result = await self._run(config, multiple, server, model, context)
                 entry.update(status="ok", **result)
+                respawns = respawns_in(server.log_path, offset)
+                if respawns:
+                    entry["respawns"] = respawns
+                code = server.proc.poll()
+                if code is not None:
+                    raise BenchError(f"the server exited with code {code} during the run")
                 if self.sweep.rate_multiples and context.saturation_rate is None:
                     context.saturation_rate = float(result["metrics"]["window_request_throughput"])
         except (BenchError, WorkloadError, RuntimeError, OSError) as e:
@@ -275,6 +282,8 @@ def strict_problems(doc: dict[str, Any], plotted: bool) -> list[str]:
             problems.append(f"{e['label']}: {e['status']}: {e.get('error', '')}")
         elif e["metrics"]["failed"]:
             problems.append(f"{e['label']}: {e['metrics']['failed']} requests failed")
+        if e.get("respawns"):
+            problems.append(f"{e['label']}: API servers died during the run: {e['respawns']}")
         stop = e.get("stop")  # none for a configuration skipped before it started
         if stop and (stop["exit_code"] != 0 or stop["killed"]):
             problems.append(f"{e['label']}: exit code {stop['exit_code']}, killed {stop['killed']}")

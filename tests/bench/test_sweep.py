@@ -175,3 +175,20 @@ def test_overload_runs_pace_arrivals_at_multiples_of_the_saturating_rate(
     markdown = (out / "sweep.md").read_text()
     assert "| config | offered req/s | completed req/s | 429 (%) | client timeouts |" in markdown
     assert "| pool 1x1 at 2x |" in markdown
+
+
+def test_a_run_during_which_an_api_server_died_fails_a_strict_sweep() -> None:
+    """The sweep records the launcher's respawn lines of each run (``bench.serve.respawns_in``,
+    checked against a real launcher's log in tests/integration/test_serve_spread.py)."""
+    death = "api server 1 (pid 7) exited with code -11; respawning in 0.5 s"
+    entry = {
+        "label": "pool 2x1",
+        "status": "ok",
+        "metrics": {"failed": 0},
+        "respawns": [death],
+        "stop": {"exit_code": 0, "killed": []},
+    }
+    assert strict_problems({"entries": [entry]}, plotted=True) == [
+        f"pool 2x1: API servers died during the run: {[death]}"
+    ]
+    assert strict_problems({"entries": [{**entry, "respawns": []}]}, plotted=True) == []

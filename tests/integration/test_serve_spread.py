@@ -22,6 +22,7 @@ import pytest
 from fanin_proc import Fanin, is_alive, start_fanin, wait_gone
 
 from bench.datasets import sharegpt_prompts
+from bench.serve import respawns_in
 
 pytestmark = pytest.mark.slow
 
@@ -171,6 +172,8 @@ def test_a_drained_server_hands_its_clients_over_without_an_error(
     assert not load.errors, load.errors[:5]
     assert load.total == CLIENTS * 8
     assert re.search(r"api server 3 \(pid \d+\) exited with code 0", six.log())
+    # what a sweep finds in its server's log to flag a run during which a server died
+    assert any("api server 3 " in line for line in respawns_in(six.log_path))
 
 
 def test_a_killed_server_costs_only_its_own_requests_then_all_rebalance(
