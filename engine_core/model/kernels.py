@@ -123,10 +123,19 @@ class Kernels:
             _try(compiled, eager, device, dtype)
         except Exception as exc:  # a missing compiler or a codegen bug costs speed, not service
             logger.warning("torch.compile of the fused kernels failed; running eager: %r", exc)
-            compiled = rest
-        fast.update(compiled)
-        if all(fast[name] is fn for name, fn in eager.items()):
+            compiled = {}
+        if not fast and not compiled:
             return cls.eager()
+        kinds = {
+            "Triton": list(fast),
+            "torch.compile": list(compiled),
+            "eager": [n for n in rest if n not in compiled],
+        }
+        fast.update({**rest, **compiled})
+        logger.info(
+            "fused kernels: %s",
+            "; ".join(f"{kind} for {', '.join(names)}" for kind, names in kinds.items() if names),
+        )
         return cls(
             **{name: _Guarded(name, fn, eager[name]) for name, fn in fast.items()},
             is_compiled=True,
