@@ -21,7 +21,7 @@ from engine_core.model.host import to_device
 from engine_core.model.kernels import Kernels
 from engine_core.model.loader import CheckpointTensor, copy_into
 from engine_core.model.pixels import PixelInput
-from engine_core.model.vision_attention import Segments, tower_attention
+from engine_core.model.vision_attention import tower_attention
 from engine_core.model.vision_grid import GridLayout, grid_layout
 from engine_core.model.vision_tower import Tower, checkpoint_targets, tower_spec
 
@@ -120,19 +120,15 @@ class VisionEncoder:
             pixels = pixels[order]
         cos = torch.cat([t.cos for t in tables])
         sin = torch.cat([t.sin for t in tables])
-        full = self._segments([n for lay in layouts for n in lay.frame_lens])
-        windows = self._segments([n for lay in layouts for n in lay.window_lens])
-        merged = self.tower(pixels, cos, sin, full, windows if self.spec.window else None)
+        full = self.attention.prepare([n for lay in layouts for n in lay.frame_lens])
+        windows = None
+        if self.spec.window:
+            windows = self.attention.prepare([n for lay in layouts for n in lay.window_lens])
+        merged = self.tower(pixels, cos, sin, full, windows)
         if unorder is not None:
             merged = merged[unorder]
         units = [lay.num_patches // (self.merge_size**2) for lay in layouts]
         return [part.clone() for part in merged.split(units)]
-
-    def _segments(self, lens: list[int]) -> Segments:
-        cu = None
-        if self.attention.needs_cu and lens:
-            cu = to_device(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32), self.device)
-        return Segments.of(lens, cu)
 
     def _orders(self, layouts: list[GridLayout]) -> tuple[torch.Tensor | None, ...]:
         """The batch's patch permutation and unit un-permutation (None without windows)."""

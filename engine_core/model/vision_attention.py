@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from engine_core.model.host import to_device
+
 logger = logging.getLogger(__name__)
 
 Varlen = Callable[
@@ -42,23 +44,25 @@ MAX_BATCHED_RUNS = 4
 @dataclass(frozen=True, slots=True)
 class Segments:
     """Segment boundaries of one batch: ``lens`` and their ``runs`` ((length, count) of
-    consecutive equal lengths) on the host, ``cu`` ((S+1,) int32 prefix sums on the device)
-    only when a varlen kernel runs."""
+    consecutive equal lengths) on the host; ``cu`` ((S+1,) int32 prefix sums on the device)
+    when the varlen kernel runs; ``batched`` when the batched kernel does (decided once per
+    tower call by ``TowerAttention.prepare``, then read by every block)."""
 
     lens: list[int]
     cu: torch.Tensor | None
     max_len: int
     runs: tuple[tuple[int, int], ...]
+    batched: bool = False
 
     @classmethod
-    def of(cls, lens: list[int], cu: torch.Tensor | None = None) -> Segments:
+    def of(cls, lens: list[int], cu: torch.Tensor | None = None, batched: bool = False) -> Segments:
         runs: list[tuple[int, int]] = []
         for n in lens:
             if runs and runs[-1][0] == n:
                 runs[-1] = (n, runs[-1][1] + 1)
             else:
                 runs.append((n, 1))
-        return cls(lens, cu, max(lens, default=0), tuple(runs))
+        return cls(lens, cu, max(lens, default=0), tuple(runs), batched)
 
 
 def _varlen_attn(
@@ -78,47 +82,50 @@ def _flash_op(
     return out[0]
 
 
-Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Segments, float], torch.Tensor]
-
-
 class TowerAttention:
     """q, k, v (N, H, D) -> (N, H, D), each segment attending only to itself, by the kernels
     chosen for this device (``tower_attention``): ``varlen`` in one call over ``cu_seqlens``,
     ``batched`` (an SDPA backend: cuDNN) once per run of equal-length segments; SDPA's
     default per run where neither is given.
 
-    cuDNN builds an execution graph for each shape it first sees, ~45 ms on the H200's host
+    cuDNN builds an execution graph for each shape it first sees, 45-73 ms on the H200's host
     for a 1024x768 photo's 3,996 patches (``bench/engine_profile.py``), in a cache of the
-    calling thread that torch never trims. Images come in any size, so a call takes the
-    batched path only once every one of its run shapes has come ``warm_after`` times (through
-    ``varlen`` until then: a shape must recur to repay its build, ~2.7 ms saved per image),
-    and at most ``max_shapes`` shapes are ever built."""
+    calling thread that torch never trims. Images come in any size, so a tower call takes the
+    batched path only once each of its run shapes has come in ``warm_after`` earlier calls
+    (through ``varlen`` until then: a shape must recur to repay its build, at ~3 ms saved per
+    image), and at most ``max_shapes`` shapes are ever built."""
 
     def __init__(
         self,
         varlen: Varlen | None = None,
         batched: SDPBackend | None = None,
+        device: torch.device | None = None,
         warm_after: int = 16,
         max_shapes: int = 64,
     ) -> None:
-        self.varlen, self.batched = varlen, batched
+        self.varlen, self.batched, self.device = varlen, batched, device
         self.warm_after, self.max_shapes = warm_after, max_shapes
         self._seen: OrderedDict[tuple[int, int], int] = OrderedDict()  # (count, length) -> calls
         self._built: set[tuple[int, int]] = set()
 
     @property
-    def needs_cu(self) -> bool:
-        return self.varlen is not None
-
-    @property
     def built_shapes(self) -> int:
         return len(self._built)
+
+    def prepare(self, lens: list[int]) -> Segments:
+        """The segments of one tower call, with the path every block of it takes."""
+        segments = Segments.of(lens)
+        if self._takes_batched(segments):
+            return Segments.of(lens, batched=True)
+        if self.varlen is None or not lens:
+            return segments
+        cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+        return Segments.of(lens, to_device(cu, self.device or torch.device("cpu")))
 
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments, scale: float
     ) -> torch.Tensor:
-        if self._takes_batched(segments):
-            assert self.batched is not None
+        if segments.batched:
             return attend_runs(q, k, v, segments, scale, self.batched)
         if self.varlen is not None and segments.cu is not None:
             return self.varlen(q, k, v, segments.cu, segments.max_len, scale)
@@ -135,7 +142,9 @@ class TowerAttention:
             if calls >= self.warm_after and len(self._built) < self.max_shapes:
                 self._built.add(run)
                 logger.info(
-                    "vision attention: %s for %d x %d patches from now on", self.batched.name, *run
+                    "vision attention: %s for %d x %d patches from the next call on",
+                    self.batched.name,
+                    *run,
                 )
         while len(self._seen) > 16 * self.max_shapes:
             self._seen.popitem(last=False)
@@ -171,23 +180,31 @@ def tower_attention(
         candidates.append(_flash_op)
     chosen: Varlen | None = None
     for kernel in candidates:
-        problem = _problem(TowerAttention(varlen=kernel), device, dtype, num_heads, head_dim)
+        problem = _problem(
+            TowerAttention(varlen=kernel, device=device), device, dtype, num_heads, head_dim
+        )
         if problem is None:
             chosen = kernel
             break
         logger.warning("vision attention: %s unusable (%s)", kernel.__name__, problem)
     batched: SDPBackend | None = SDPBackend.CUDNN_ATTENTION
-    problem = _problem(TowerAttention(batched=batched), device, dtype, num_heads, head_dim)
+    problem = _problem(
+        TowerAttention(batched=batched, device=device), device, dtype, num_heads, head_dim
+    )
     if problem is not None:
         logger.warning("vision attention: SDPA's cuDNN backend unusable (%s)", problem)
         batched = None
-    return TowerAttention(varlen=chosen, batched=batched)
+    return TowerAttention(varlen=chosen, batched=batched, device=device)
 
 
 def _problem(
-    attend: Attend, device: torch.device, dtype: torch.dtype, num_heads: int, head_dim: int
+    attention: TowerAttention,
+    device: torch.device,
+    dtype: torch.dtype,
+    num_heads: int,
+    head_dim: int,
 ) -> str | None:
-    """Why ``attend`` cannot serve (an error, or a result off SDPA's), or None. Three
+    """Why ``attention`` cannot serve (an error, or a result off SDPA's), or None. Three
     segments of three lengths, then a run of two equal ones: the varlen and the batched form."""
     gen = torch.Generator(device=device).manual_seed(0)
     for lens in ([37, 64, 5], [64, 64]):
@@ -195,11 +212,10 @@ def _problem(
             torch.randn(sum(lens), num_heads, head_dim, device=device, generator=gen).to(dtype)
             for _ in range(3)
         )
-        cu = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32, device=device)
-        segments = Segments.of(lens, cu)
+        segments = attention.prepare(lens)
         scale = head_dim**-0.5
         try:
-            got = attend(q, k, v, segments, scale)
+            got = attention(q, k, v, segments, scale)
         except RuntimeError as exc:
             return repr(exc)
         want = attend_runs(q, k, v, segments, scale, SDPBackend.MATH)

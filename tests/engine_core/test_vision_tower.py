@@ -141,8 +141,9 @@ def test_an_attention_kernel_is_used_only_if_it_runs_and_agrees_with_sdpa() -> N
 
 
 def test_segments_know_their_runs_and_each_call_takes_the_path_it_fits() -> None:
-    """Few runs of shapes seen ``warm_after`` times: the batched backend; many runs, or a
-    shape not seen often enough yet, or past ``max_shapes``: varlen. Same values either way."""
+    """Few runs of shapes seen in ``warm_after`` earlier calls: the batched backend; many
+    runs, or a shape not seen often enough yet, or past ``max_shapes``: varlen. Same values
+    either way."""
     from engine_core.model import vision_attention as va
 
     segments = va.Segments.of([64, 64, 5, 64, 64, 64])
@@ -159,11 +160,14 @@ def test_segments_know_their_runs_and_each_call_takes_the_path_it_fits() -> None
     gen = torch.Generator().manual_seed(0)
 
     def path(lens: list[int]) -> str:
+        """One tower call of 3 blocks over segments of ``lens``: the path its blocks took."""
         n = sum(lens)
         q, k, v = (torch.randn(n, 2, 8, generator=gen) for _ in range(3))
-        cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32)
         calls.clear()
-        got = attention(q, k, v, va.Segments.of(lens, cu), 8**-0.5)
+        segments = attention.prepare(lens)  # once per call: blocks do not count as calls
+        for _ in range(3):
+            got = attention(q, k, v, segments, 8**-0.5)
+        assert calls in ([], ["varlen"] * 3)
         want = torch.cat(
             [
                 torch.nn.functional.scaled_dot_product_attention(
