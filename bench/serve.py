@@ -26,7 +26,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from apiserver.launch.launcher import RESPAWN_NOTICE
 from bench import proc
 from bench.target import Target, parse_target
 
@@ -39,6 +38,11 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+#: The launcher's phrase for an API server that died and is started again (the bench loads no
+#: server code; tests/integration/test_serve_spread.py checks the phrase against a real log).
+RESPAWN_NOTICE = "; respawning in "
 
 
 def respawns_in(log_path: Path, offset: int = 0) -> list[str]:

@@ -30,9 +30,6 @@ from apiserver.load_table import LoadTable
 from ipc.config import EngineConfig
 
 logger = logging.getLogger("fanin.launcher")
-#: In the log line of every API-server death that is followed by a respawn (``bench.serve``
-#: counts them: a server that died during a benchmark run is a result to flag).
-RESPAWN_NOTICE = "; respawning in "
 
 #: How long API servers get to answer in-flight requests with 503 after the engine died.
 ENGINE_DEATH_GRACE_S = 2.5
@@ -298,7 +295,7 @@ class Launcher:
         self._fast_failures[index] = failures
         delay = respawn_delay(failures)
         logger.warning(
-            "%s (pid %d) exited with code %s" + RESPAWN_NOTICE + "%.2g s",
+            "%s (pid %d) exited with code %s; respawning in %.2g s",
             child.name,
             child.pid,
             child.exit_code,
