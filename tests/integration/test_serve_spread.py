@@ -188,6 +188,11 @@ def test_a_killed_server_costs_only_its_own_requests_then_all_rebalance(
     assert not is_alive(pid)
     _wait_respawned(six, 2)
     _wait_respawned(six, 3)
+    # The respawned servers start with no connection: the others hand clients over as their
+    # share is exceeded, which takes a few requests per client. Measured from the start, the
+    # newest server lagged by up to 19 % in 1 of 7 runs on the 2-core machine.
+    settling = _run(clients, per_client=2)
+    assert not settling.errors, settling.errors[:5]
     load = _run(clients, per_client=6)  # both respawned servers take their share again
     assert not load.errors, load.errors[:5]
     load.assert_even()
