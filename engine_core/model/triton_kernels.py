@@ -54,6 +54,36 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def _rotate_row(
+    src,
+    head_stride,
+    out,
+    cos_row,
+    sin_row,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Rotate the H heads of one token, read from ``src`` (heads ``head_stride`` apart, last
+    dimension contiguous), in fp32, into ``out`` (H x D contiguous)."""
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    dims = tl.arange(0, BLOCK_D)[None, :]
+    mask = (heads < H) & (dims < D)
+    half: tl.constexpr = D // 2
+    # rotate_half(x) = [-x[half:], x[:half]]: lane d reads lane d +- half, negated below half
+    partner = tl.where(dims < half, dims + half, dims - half)
+    sign = tl.where(dims < half, -1.0, 1.0)
+    cos = tl.load(cos_row + dims, mask=dims < D).to(tl.float32)
+    sin = tl.load(sin_row + dims, mask=dims < D).to(tl.float32)
+    at = src + heads * head_stride
+    x = tl.load(at + dims, mask=mask).to(tl.float32)
+    other = tl.load(at + partner, mask=mask).to(tl.float32)
+    rotated = x * cos + sign * other * sin
+    tl.store(out + heads * D + dims, rotated.to(out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _qkv_rotary_kernel(
     qkv_ptr,
     cos_ptr,
@@ -67,28 +97,15 @@ def _qkv_rotary_kernel(
     BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    src = qkv_ptr + row * (3 * H * D)
+    out = row * (H * D)
+    cos, sin = cos_ptr + row * D, sin_ptr + row * D
+    _rotate_row(src, D, q_ptr + out, cos, sin, H, D, BLOCK_H, BLOCK_D)
+    _rotate_row(src + H * D, D, k_ptr + out, cos, sin, H, D, BLOCK_H, BLOCK_D)
     heads = tl.arange(0, BLOCK_H)[:, None]
     dims = tl.arange(0, BLOCK_D)[None, :]
-    mask = (heads < H) & (dims < D)
-    half: tl.constexpr = D // 2
-    # rotate_half(x) = [-x[half:], x[:half]]: lane d reads lane d +- half, negated below half
-    partner = heads * D + tl.where(dims < half, dims + half, dims - half)
-    sign = tl.where(dims < half, -1.0, 1.0)
-    cos = tl.load(cos_ptr + row * D + dims, mask=dims < D)
-    sin = tl.load(sin_ptr + row * D + dims, mask=dims < D)
-    inner = heads * D + dims
-    src = qkv_ptr + row * (3 * H * D)
-    out = row * (H * D) + inner
-    for which in tl.static_range(2):
-        part = src + which * (H * D)
-        x = tl.load(part + inner, mask=mask).to(tl.float32)
-        other = tl.load(part + partner, mask=mask).to(tl.float32)
-        rotated = (x * cos + sign * other * sin).to(q_ptr.dtype.element_ty)
-        if which == 0:
-            tl.store(q_ptr + out, rotated, mask=mask)
-        else:
-            tl.store(k_ptr + out, rotated, mask=mask)
-    tl.store(v_ptr + out, tl.load(src + 2 * (H * D) + inner, mask=mask), mask=mask)
+    inner, mask = heads * D + dims, (heads < H) & (dims < D)
+    tl.store(v_ptr + out + inner, tl.load(src + 2 * (H * D) + inner, mask=mask), mask=mask)
 
 
 def qkv_rotary_fp32(
@@ -235,19 +252,17 @@ def _rotary_kernel(
     BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    heads = tl.arange(0, BLOCK_H)[:, None]
-    dims = tl.arange(0, BLOCK_D)[None, :]
-    mask = (heads < H) & (dims < D)
-    half: tl.constexpr = D // 2
-    partner = tl.where(dims < half, dims + half, dims - half)
-    sign = tl.where(dims < half, -1.0, 1.0)
-    cos = tl.load(cos_ptr + row * D + dims, mask=dims < D).to(tl.float32)
-    sin = tl.load(sin_ptr + row * D + dims, mask=dims < D).to(tl.float32)
-    src = x_ptr + row * row_stride + heads * head_stride
-    x = tl.load(src + dims, mask=mask).to(tl.float32)
-    other = tl.load(src + partner, mask=mask).to(tl.float32)
-    out = out_ptr + row * (H * D) + heads * D + dims
-    tl.store(out, (x * cos + sign * other * sin).to(out_ptr.dtype.element_ty), mask=mask)
+    _rotate_row(
+        x_ptr + row * row_stride,
+        head_stride,
+        out_ptr + row * (H * D),
+        cos_ptr + row * D,
+        sin_ptr + row * D,
+        H,
+        D,
+        BLOCK_H,
+        BLOCK_D,
+    )
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

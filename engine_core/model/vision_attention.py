@@ -17,6 +17,8 @@ Elsewhere (CPU, float32): SDPA's default choice, one call per run of equal-lengt
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
@@ -55,14 +57,15 @@ class Segments:
     batched: bool = False
 
     @classmethod
-    def of(cls, lens: list[int], cu: torch.Tensor | None = None, batched: bool = False) -> Segments:
+    def of(cls, lens: list[int]) -> Segments:
+        """Host-side segments (``TowerAttention.prepare`` adds what its kernel needs)."""
         runs: list[tuple[int, int]] = []
         for n in lens:
             if runs and runs[-1][0] == n:
                 runs[-1] = (n, runs[-1][1] + 1)
             else:
                 runs.append((n, 1))
-        return cls(lens, cu, max(lens, default=0), tuple(runs), batched)
+        return cls(lens, None, max(lens, default=0), tuple(runs))
 
 
 def _varlen_attn(
@@ -116,11 +119,11 @@ class TowerAttention:
         """The segments of one tower call, with the path every block of it takes."""
         segments = Segments.of(lens)
         if self._takes_batched(segments):
-            return Segments.of(lens, batched=True)
+            return dataclasses.replace(segments, batched=True)
         if self.varlen is None or not lens:
             return segments
         cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
-        return Segments.of(lens, to_device(cu, self.device or torch.device("cpu")))
+        return dataclasses.replace(segments, cu=to_device(cu, self.device or torch.device("cpu")))
 
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments, scale: float
@@ -240,11 +243,8 @@ def attend_runs(
         stop = start + count * n
         # (count, n, H, D) -> (count, H, n, D), the layout SDPA batches over
         qs, ks, vs = (x[start:stop].view(count, n, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
-        if backend is None:
+        with contextlib.nullcontext() if backend is None else sdpa_kernel(backend):
             o = F.scaled_dot_product_attention(qs, ks, vs, scale=scale)
-        else:
-            with sdpa_kernel(backend):
-                o = F.scaled_dot_product_attention(qs, ks, vs, scale=scale)
         out[start:stop] = o.transpose(1, 2).reshape(stop - start, *q.shape[1:])
         start = stop
     return out
