@@ -51,6 +51,17 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             "OpenBLAS, tokenizers); auto: its share of the cores per render worker"
         ),
     ] = "auto"
+    gil_switch_interval: Annotated[
+        float,
+        Meta(
+            gt=0,
+            le=100,
+            description="milliseconds a thread holding an API server's GIL (a render thread in "
+            "the image processor's Python) keeps it while the event loop waits for it: "
+            "Python's switch interval (its default: 5). Every callback of the loop may wait "
+            "this long, so it bounds /health and first-byte latency under load",
+        ),
+    ] = 1.0
     engine_cpu_cores: Annotated[
         Annotated[int, Meta(ge=0)] | Literal["auto"],
         Meta(description="cores kept out of the API servers' share for the engine core; auto: 2"),

@@ -147,10 +147,14 @@ def _size_threads(config: ServerConfig) -> cpu_budget.CpuShare:
     share = cpu_budget.plan(config, cpu_budget.usable_cores())
     kept = cpu_budget.apply_environment(share, os.environ)
     cpu_budget.apply_torch_threads(share)
+    # The event loop shares the GIL with the render threads: each of its callbacks (accept,
+    # read, write) waits up to one switch interval for a render thread in Python to let go.
+    sys.setswitchinterval(config.gil_switch_interval / 1000)
     log.info(
-        "%d render worker(s), %d math thread(s)%s",
+        "%d render worker(s), %d math thread(s), GIL switch interval %g ms%s",
         share.render_workers,
         share.threads,
+        config.gil_switch_interval,
         "".join(f"; {k}={v} kept from the environment" for k, v in kept.items()),
     )
     return share

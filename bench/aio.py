@@ -1,11 +1,11 @@
-"""The bench's one way to bound an await in time."""
+"""The bench's event loop, and its one way to bound an await in time."""
 
 from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Awaitable
-from typing import TypeVar
+from collections.abc import Awaitable, Coroutine
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -22,3 +22,12 @@ async def within(aw: Awaitable[T], timeout: float) -> T:
         async with asyncio.timeout(timeout):
             return await aw
     return await asyncio.wait_for(aw, timeout)  # 3.10 has no asyncio.timeout; the race stays
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run on uvloop where it is installed (as fanin's servers do), else asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)

@@ -10,18 +10,17 @@ Everything after ``--`` in a sweep is passed to every ``fanin serve``.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import datetime
 import os
 import resource
 import sys
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, TypeVar
 
 import msgspec
 
+from bench.aio import run_async
 from bench.config import BenchConfig, SweepConfig, add_flags, from_args, validate
 from bench.http_client import Client, HttpError, fetch
 from bench.images import DistinctImages
@@ -32,22 +31,12 @@ from bench.static import ImageServer
 from bench.target import Target, TargetError, parse_target
 from bench.workload import Model, Workload, WorkloadError, images_needed
 
-T = TypeVar("T")
 API_KEY_ENVS = ("FANIN_API_KEY", "OPENAI_API_KEY")
 _SWEEP_SKIPS = frozenset({"base_url", "allow_remote", "server_pid"})
 
 
 class BenchError(Exception):
     """The run cannot go on (server unreachable, no model, ...); the message says why."""
-
-
-def run_async(coro: Coroutine[Any, Any, T]) -> T:
-    """Run on uvloop where it is installed (as fanin's servers do), else asyncio's loop."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
 
 
 def api_key_of(config: BenchConfig) -> str | None:

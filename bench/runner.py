@@ -130,7 +130,10 @@ class Run:
         else:
             self._open_window()
         ticker = asyncio.create_task(self._tick())
-        prober = asyncio.create_task(self._probe_window()) if cfg.health_interval_ms else None
+        prober = None
+        if cfg.health_interval_ms:
+            probing = self._probe.run(self._window_open, self._window_closed)
+            prober = asyncio.create_task(probing)
         try:
             await self._send_all()
             self._is_sending = False
@@ -285,7 +288,3 @@ class Run:
                 phase = "drain"
             self._progress.update(phase, self._finished, self._failed)
             await asyncio.sleep(0.25)
-
-    async def _probe_window(self) -> None:
-        await self._window_open.wait()
-        await self._probe.run(self._window_closed)

@@ -45,8 +45,8 @@ import msgspec
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench import proc
-from bench.aio import within
-from bench.cli import fetch_model, raise_open_files_limit, run_async, write_text
+from bench.aio import run_async, within
+from bench.cli import fetch_model, raise_open_files_limit, write_text
 from bench.config import BenchConfig
 from bench.http_client import Client, HttpError, fetch, request_bytes
 from bench.images import DistinctImages

@@ -24,6 +24,7 @@ from typing import Any
 import msgspec
 
 from bench import report_sweep
+from bench.aio import run_async
 from bench.cli import (
     BenchError,
     api_key_of,
@@ -32,7 +33,6 @@ from bench.cli import (
     image_source,
     raise_open_files_limit,
     result_stem,
-    run_async,
     serving_images,
     write_text,
 )

@@ -5,8 +5,11 @@ bounds of times are checked (the stub waits at least that long); no upper bounds
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
@@ -67,6 +70,55 @@ def test_closed_loop_counts_429s_and_streams() -> None:
     assert sum(result["servers"].values()) == 18
     assert result["images_sent"] == 24
     assert result["cpu"]["generator_cores_busy"] >= 0 and "server_cores_busy" not in result["cpu"]
+
+
+@contextlib.contextmanager
+def _stub_in_thread(**kw: Any) -> Iterator[Stub]:
+    """A stub serving on an event loop of its own thread, apart from the generator's."""
+    ready = threading.Event()
+    box: dict[str, Any] = {}
+
+    async def serve() -> None:
+        async with Stub(**kw) as stub:
+            box.update(stub=stub, loop=asyncio.get_running_loop(), stop=asyncio.Event())
+            ready.set()
+            await box["stop"].wait()
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    try:
+        yield box["stub"]
+    finally:
+        box["loop"].call_soon_threadsafe(box["stop"].set)
+        thread.join(10)
+
+
+def test_the_health_probe_goes_on_while_the_generator_loop_is_stalled() -> None:
+    """The probe is a process of its own, as a balancer's checks are: a stall of the load
+    generator's event loop (here half a second inside a callback) stops no probe, so the
+    generator's own lag never reads as the server's."""
+    during_stall: list[int] = []
+
+    async def main(stub: Stub) -> RunResult:
+        loop = asyncio.get_running_loop()
+
+        def stall_once_probed() -> None:
+            if not stub.health_hits:  # the probe process is still starting
+                loop.call_later(0.02, stall_once_probed)
+                return
+            before = stub.health_hits
+            time.sleep(0.5)
+            during_stall.append(stub.health_hits - before)
+
+        loop.call_soon(stall_once_probed)
+        return await _run(stub, _config(num_prompts=400, max_concurrency=2, duration=2.0))
+
+    with _stub_in_thread(token_gap_s=0.01) as stub:
+        run = asyncio.run(main(stub))
+    # One probe every 20 ms: about 25 in the stall; none if the probe shared the stalled loop.
+    assert during_stall and during_stall[0] >= 5
+    assert run.health_failed == 0 and stub.health_hits == len(run.health_s)
 
 
 def test_duration_bounds_the_run_and_warmup_is_left_out() -> None:

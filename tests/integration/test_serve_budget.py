@@ -1,7 +1,8 @@
 """The CPU budget end to end: `fanin serve` confined to one CPU (as `taskset` or a cpuset
 would) sizes everything from that one core, and a thread count the user exported is kept
-and said so; the plan shows in the launcher's log and in every API server's, and start-up
-state is frozen out of the garbage collector's reach."""
+and said so; the GIL switch interval asked for is each API server's; the plan shows in the
+launcher's log and in every API server's, and start-up state is frozen out of the garbage
+collector's reach."""
 
 from __future__ import annotations
 
@@ -19,7 +20,14 @@ def test_one_cpu_means_one_server_one_thread_and_a_user_setting_is_kept(
     default_model_dir: Path, tmp_path: Path
 ) -> None:
     cpu = min(os.sched_getaffinity(0))
-    fanin = start_fanin(tmp_path, default_model_dir, env={"OPENBLAS_NUM_THREADS": "3"}, cpus={cpu})
+    fanin = start_fanin(
+        tmp_path,
+        default_model_dir,
+        "--gil-switch-interval",
+        "0.5",
+        env={"OPENBLAS_NUM_THREADS": "3"},
+        cpus={cpu},
+    )
     try:
         log = fanin.log()
         assert (
@@ -28,7 +36,8 @@ def test_one_cpu_means_one_server_one_thread_and_a_user_setting_is_kept(
         ), log[-3000:]
         assert "OPENBLAS_NUM_THREADS=3 is set in the environment: API servers keep it" in log
         assert re.search(
-            r"api-server-0 apiserver: 1 render worker\(s\), 1 math thread\(s\); "
+            r"api-server-0 apiserver: 1 render worker\(s\), 1 math thread\(s\), "
+            r"GIL switch interval 0.5 ms; "
             r"OPENBLAS_NUM_THREADS=3 kept from the environment",
             log,
         ), log[-3000:]
