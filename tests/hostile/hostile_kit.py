@@ -13,6 +13,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -58,6 +59,10 @@ LIMITS: dict[str, Any] = {
 #: /health must answer within this while an attack runs (the issue's goal, on 2 CI cores).
 HEALTH_BOUND_S = 0.1
 HEALTH_PROBE = Path(__file__).with_name("health_probe.py")
+#: A probe spans at least this long (15 probes): an attack the server shrugs off sooner still
+#: gets probes around it, so a sample count says the probe ran, not how slow the attack was
+#: (a 64-token request on the CPU engine took under 60 ms once torch got faster: 2 probes).
+MIN_PROBE_SPAN_S = 0.3
 
 
 class HealthProbe:
@@ -74,9 +79,11 @@ class HealthProbe:
             self._argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
         assert self._proc.stdout is not None and self._proc.stdout.readline() == "ready\n"
+        self._started = time.monotonic()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        time.sleep(max(0.0, self._started + MIN_PROBE_SPAN_S - time.monotonic()))
         out, _ = self._proc.communicate("", timeout=30)
         result = json.loads(out)
         self.latencies, self.failures = result["latencies"], result["failures"]
