@@ -78,7 +78,11 @@ class HealthProbe:
         self._proc = subprocess.Popen(
             self._argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
-        assert self._proc.stdout is not None and self._proc.stdout.readline() == "ready\n"
+        assert self._proc.stdout is not None
+        if (first := self._proc.stdout.readline()) != "ready\n":
+            self._proc.kill()  # reaped here: a probe that failed to start outlives no test
+            self._proc.communicate(timeout=30)
+            raise AssertionError(f"the /health probe did not start: {first!r}")
         self._started = time.monotonic()
         return self
 
