@@ -230,12 +230,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         max_num_seqs=max(args.batches),
         max_num_batched_tokens=args.budget,
         enforce_eager=args.enforce_eager,
+        decode_attention=args.decode_attention,
     )
     runner = load_runner(config, args.model)
     vocab = runner.facts.vocab_size
     figures: dict[str, tuple[Callable[[], float], Callable[[], float] | None]] = {}
     vision: dict[str, Any] = {}
-    if runner.vision is not None:
+    if runner.vision is not None and not args.decode_only:
         for name, size in PHOTO_SIZES.items():
             images = Images(processor, size, args.images)
             patches = int(images.grids[0].prod())
@@ -253,10 +254,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 lambda im=images: ours_vision(runner, im, 1),
                 lambda im=images: hf_vision(hf, im, 1),
             )
-    figures["prefill_tok_s"] = (
-        lambda: ours_prefill(runner, args),
-        lambda: hf_prefill(hf, args, vocab),
-    )
+    if not args.decode_only:
+        figures["prefill_tok_s"] = (
+            lambda: ours_prefill(runner, args),
+            lambda: hf_prefill(hf, args, vocab),
+        )
     for b in args.batches:
         figures[f"decode_ms_b{b}"] = (
             lambda b=b: ours_decode(runner, config, args, b) * 1e3,
@@ -316,6 +318,10 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=12, help="photos per vision measurement")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (ours)")
+    parser.add_argument(
+        "--decode-attention", default="triton", choices=["triton", "flash"], help="ours, graphed"
+    )
+    parser.add_argument("--decode-only", action="store_true", help="no vision, no prefill")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--out", type=pathlib.Path)
     args = parser.parse_args()
@@ -352,7 +358,8 @@ def print_report(report: dict[str, Any]) -> None:
     print(
         f"GPU {report['gpu']}: copy {bw / 1e9:.0f} GB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s; "
         f"graphs {report['graphs']}, compiled kernels {report['compiled_kernels']}, vision "
-        f"flash {report['vision_flash']}; medians of {args['rounds']} alternating rounds"
+        f"flash {report['vision_flash']}, decode attention "
+        f"{args.get('decode_attention', 'flash')}; medians of {args['rounds']} alternating rounds"
     )
     if report["vision"]:
         print(
@@ -368,12 +375,13 @@ def print_report(report: dict[str, Any]) -> None:
                 f"| {one['ours']:.1f} | {one['hf']:.1f} | {served['hf']:.1f} | {floor:.1f} "
                 f"| {served['ours'] / floor:.0%} |"
             )
-    p = med["prefill_tok_s"]
-    prefill_floor = rate / (2 * report["decoder_matmul_params"])
-    print(
-        f"prefill tok/s: ours {p['ours']:.0f}, HF {p['hf']:.0f}; matmul-rate floor "
-        f"{prefill_floor:.0f} (ours at {p['ours'] / prefill_floor:.0%}; goal 40 %)"
-    )
+    if "prefill_tok_s" in med:
+        p = med["prefill_tok_s"]
+        prefill_floor = rate / (2 * report["decoder_matmul_params"])
+        print(
+            f"prefill tok/s: ours {p['ours']:.0f}, HF {p['hf']:.0f}; matmul-rate floor "
+            f"{prefill_floor:.0f} (ours at {p['ours'] / prefill_floor:.0%}; goal 40 %)"
+        )
     print("| batch | ours ms/step | HF ms/step | floor ms/step | ours / floor | ours tok/s |")
     print("|---:|---:|---:|---:|---:|---:|")
     for b in args["batches"]:

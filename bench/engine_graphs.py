@@ -7,9 +7,10 @@ The requests arrive together but finish at different steps, so the graphed batch
 sizes and most are padded up to a bucket; one carries an image (M-RoPE), one samples with a
 seed, one asks for logprobs, one has a repetition penalty (the ``logits`` graphs and the
 sampler); once those are done the rest decode in the ``greedy`` graphs (argmax inside the
-graph, ids fed on the device). Two comparisons: graphs with eager kernels against no graphs
-(the same kernels: tokens must be identical), and the production setup (graphs and compiled
-kernels) against no graphs (bf16 rounding may split near-ties: a match rate). Exit status 1
+graph, ids fed on the device). Two comparisons: graphs with eager kernels and FlashAttention
+against no graphs (the same kernels: tokens must be identical), and the production setup
+(graphs, compiled kernels, the Triton decode attention) against no graphs (bf16 rounding may
+split near-ties: a match rate). Exit status 1
 when the first is not identical. tests/engine_core/test_cuda_graphs.py runs the same checks.
 """
 
@@ -58,7 +59,9 @@ def requests(model_dir: str) -> list[EngineRequest]:
     ]
 
 
-def serve(model_dir: str, reqs: list[EngineRequest], eager: bool, device: str) -> EngineRun:
+def serve(
+    model_dir: str, reqs: list[EngineRequest], eager: bool, device: str, attention: str
+) -> EngineRun:
     config = EngineConfig(
         dtype="bfloat16",
         device=device,  # type: ignore[arg-type]
@@ -66,6 +69,7 @@ def serve(model_dir: str, reqs: list[EngineRequest], eager: bool, device: str) -
         max_num_seqs=len(reqs),
         max_num_batched_tokens=64,
         enforce_eager=eager,
+        decode_attention=attention,  # type: ignore[arg-type]
     )
     runner = load_runner(config, model_dir)
     has_graphs = getattr(runner, "graphs", None) is not None
@@ -83,12 +87,12 @@ def compare(model_dir: str, compiled: bool, device: str = "cuda") -> dict[str, A
     divergence of every request and the logprobs of the one that asks for them. (On the CPU
     both runs are eager: a smoke test of this script.)"""
     reqs = requests(model_dir)
-    eager = serve(model_dir, reqs, True, device)
+    eager = serve(model_dir, reqs, True, device, "flash")
     if compiled:
-        graphed = serve(model_dir, reqs, False, device)
+        graphed = serve(model_dir, reqs, False, device, "triton")
     else:
         with mock.patch.object(Kernels, "compiled", classmethod(lambda cls, *a, **k: cls.eager())):
-            graphed = serve(model_dir, reqs, False, device)
+            graphed = serve(model_dir, reqs, False, device, "flash")
     same = total = 0
     diverged: dict[str, int] = {}
     for r in reqs:

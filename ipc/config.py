@@ -61,6 +61,14 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         bool,
         Meta(description="run every step eagerly: no CUDA graphs, no compiled kernels"),
     ] = False
+    decode_attention: Annotated[
+        Literal["triton", "flash"],
+        Meta(
+            description="attention kernel of the CUDA-graph decode steps: triton (ours: each "
+            "KV head read once for all the query heads that share it; FlashAttention-2 where "
+            "it fails its start-up check) or flash (FlashAttention-2's split-KV kernel)"
+        ),
+    ] = "triton"
     scheduling_policy: Annotated[
         Literal["fcfs", "priority"],
         Meta(

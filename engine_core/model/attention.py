@@ -7,10 +7,12 @@ already cached in slot ``slot_i``. Query token ``j`` of the chunk sees keys ``0 
 CPU: SDPA per chunk over ``cache[slot, :start + n]``. CUDA: one FlashAttention-2 call over the
 flat cache view ``(num_slots * max_len, Hkv, D)`` with ``cum_seq_k = slot * max_len`` and
 ``seqused_k = start + n``; FA2 aligns the causal mask bottom-right when ``seqused_k`` is given.
+The CUDA graphs' decode steps may name a kernel of their own instead (``decode_attention``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from engine_core.model.host import to_device
+
+DecodeKernel = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor
+]
 
 
 @dataclass(slots=True)
@@ -35,6 +41,9 @@ class AttnMeta:
     seqused_k: torch.Tensor | None = None
     max_q: int = 0
     max_k: int = 0
+    #: a decode-only step's kernel in place of FlashAttention (the CUDA graphs' Triton one):
+    #: (q, k_cache, v_cache, k_start, k_len, scale) -> (B, Hq, D)
+    decode_kernel: DecodeKernel | None = None
 
 
 def build_meta(
@@ -75,6 +84,9 @@ def attend(
 ) -> torch.Tensor:
     """q (T, Hq, D); caches (num_slots, max_len, Hkv, D), already holding this step's K/V.
     Returns (T, Hq, D)."""
+    if meta.decode_kernel is not None:
+        assert meta.cum_seq_k is not None and meta.seqused_k is not None
+        return meta.decode_kernel(q, k_cache, v_cache, meta.cum_seq_k[:-1], meta.seqused_k, scale)
     if meta.cum_seq_q is not None:
         return _attend_flash(q, k_cache, v_cache, meta, scale)
     return _attend_sdpa(q, k_cache, v_cache, meta, scale)

@@ -15,19 +15,23 @@ from the device), filled by one non-blocking copy from pinned memory. A row fed 
 reads its token from ``last_tokens[slot]``, which every step's sampled ids are written into
 (the greedy graphs do it themselves). ``max_seqlen_k`` is fixed at ``max_model_len`` (the true
 lengths travel in ``seqused_k``), and graphs need the FlashAttention path, so they are used on
-CUDA in bf16/fp16 only.
+CUDA in bf16/fp16 only. Their attention is our Triton decode kernel (``decode_attention``, with
+the split count that fills the GPU at each bucket) unless the config asks for FlashAttention's
+or our kernel fails its check at capture.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
 import torch
 
-from engine_core.model.attention import AttnMeta
+from engine_core.model.attention import AttnMeta, DecodeKernel
 from engine_core.model.qwen2 import Decoder
 from engine_core.model.rope import RotaryEmbedding
+from engine_core.model.spec import DecoderSpec
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +57,14 @@ def capture_decode_graphs(
     max_model_len: int,
     max_batch: int,
     dtype: torch.dtype,
+    triton_attention: bool,
 ) -> DecodeGraphs | None:
     """The decode graphs; None (every step eager, with an error in the log) when capturing
     fails: slower, but serving."""
     try:
-        return DecodeGraphs(decoder, rotary, kv, last_tokens, max_model_len, max_batch, dtype)
+        return DecodeGraphs(
+            decoder, rotary, kv, last_tokens, max_model_len, max_batch, dtype, triton_attention
+        )
     except RuntimeError:
         logger.exception("capturing the decode CUDA graphs failed; decoding eagerly")
         torch.cuda.synchronize(kv.device)
@@ -77,12 +84,18 @@ class DecodeGraphs:
         max_model_len: int,
         max_batch: int,
         dtype: torch.dtype,
+        triton_attention: bool,
     ) -> None:
         self._decoder, self._rotary, self._kv, self._dtype = decoder, rotary, kv, dtype
         self._last_tokens = last_tokens
         self._max_len = max_model_len
         self.buckets = buckets(max_batch)
         device = kv.device
+        self._kernels = (
+            _decode_kernels(decoder.spec, max_model_len, self.buckets, device, dtype)
+            if triton_attention
+            else {}
+        )
         self._inputs = torch.zeros(NUM_INPUTS, max_batch + 1, dtype=torch.int64, device=device)
         self._inputs[K_LEN] = 1  # capture-time inputs: token 0 at position 0 of slot 0
         self._cum_q = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
@@ -93,10 +106,11 @@ class DecodeGraphs:
             for variant in VARIANTS:
                 self._graphs[variant, b] = self._capture(variant, b, pool)
         logger.info(
-            "captured decode CUDA graphs for batch sizes %s, %d variants (%.0f MiB)",
+            "captured decode CUDA graphs for batch sizes %s, %d variants (%.0f MiB), attention: %s",
             self.buckets,
             len(VARIANTS),
             (torch.cuda.memory_reserved(device) - before) / 2**20,
+            "Triton" if self._kernels else "FlashAttention-2",
         )
 
     @property
@@ -149,6 +163,7 @@ class DecodeGraphs:
             seqused_k=inputs[K_LEN, :b].to(torch.int32),
             max_q=1,
             max_k=self._max_len,
+            decode_kernel=self._kernels.get(b),
         )
         slots = inputs[SLOT, :b]
         ids = torch.where(inputs[FED, :b] != 0, self._last_tokens[slots], inputs[IDS, :b])
@@ -175,3 +190,30 @@ class DecodeGraphs:
         with torch.cuda.graph(graph, pool=pool):
             out = self._forward(variant, b)
         return graph, out
+
+
+def _decode_kernels(
+    spec: DecoderSpec,
+    max_len: int,
+    sizes: list[int],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> dict[int, DecodeKernel]:
+    """Our decode attention for each batch bucket, with its split count; none (with a warning:
+    FlashAttention's kernel serves instead) where Triton is missing or the kernel fails its
+    check on this model's heads."""
+    try:
+        from engine_core.model import decode_attention
+
+        decode_attention.check(spec.num_heads, spec.num_kv_heads, spec.head_dim, dtype, device)
+    except Exception as exc:  # a missing compiler or a codegen bug costs speed, not service
+        logger.warning("Triton decode attention failed its check; FlashAttention instead: %r", exc)
+        return {}
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return {
+        b: functools.partial(
+            decode_attention.decode_attention,
+            splits=decode_attention.num_splits(b, spec.num_kv_heads, max_len, sms),
+        )
+        for b in sizes
+    }

@@ -89,6 +89,7 @@ class DecoderRunner(ModelRunner):
                 self.max_model_len,
                 max_num_seqs,
                 dtype,
+                triton_attention=config.decode_attention == "triton",
             )
         self.facts = RunnerFacts(
             model_dir=model_dir,
