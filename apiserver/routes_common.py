@@ -8,7 +8,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgspec
@@ -17,7 +17,13 @@ from starlette.responses import Response
 
 from apiserver.context import ServerContext
 from apiserver.errors import ApiError, from_validation
-from apiserver.protocol import ChatCompletionRequest, CompletionRequest
+from apiserver.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
+    TokenizeRequest,
+)
 from ipc.messages import Ready, SamplingParams
 
 T = TypeVar("T")
@@ -27,6 +33,21 @@ log = logging.getLogger(__name__)
 #: 64 KiB body costs the loop well under a millisecond and a 20 MB image body would not.
 INLINE_DECODE_BYTES = 64 << 10
 
+#: One decoder per request body type, built at import, before the server forks or starts a
+#: thread: msgspec builds a struct's type information on its first decode, and two render
+#: threads doing that at once crashed the process (msgspec 0.22 segfaults there; seen on the
+#: GPU host in the first burst after start-up). A built ``Decoder`` is safe to share.
+_DECODERS: dict[type, msgspec.json.Decoder[Any]] = {
+    t: msgspec.json.Decoder(t)
+    for t in (
+        ChatCompletionRequest,
+        CompletionRequest,
+        EmbeddingRequest,
+        TokenizeRequest,
+        DetokenizeRequest,
+    )
+}
+
 
 async def parse(request: Request, ctx: ServerContext, type_: type[T]) -> T:
     """The request body as ``type_``; 400 for invalid JSON or wrong field types, 499 when the
@@ -35,16 +56,13 @@ async def parse(request: Request, ctx: ServerContext, type_: type[T]) -> T:
         body = await request.body()
     except ClientDisconnect:
         raise ApiError(499, "client disconnected") from None
+    decode: Callable[[bytes], T] = _DECODERS[type_].decode
     try:
         if len(body) <= INLINE_DECODE_BYTES:
-            return msgspec.json.decode(body, type=type_)
-        return await ctx.renderer.run(_decode, body, type_)
+            return decode(body)
+        return await ctx.renderer.run(decode, body)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise from_validation(exc) from None
-
-
-def _decode(body: bytes, type_: type[T]) -> T:
-    return msgspec.json.decode(body, type=type_)
 
 
 def check_model(ctx: ServerContext, name: str | None) -> None:
