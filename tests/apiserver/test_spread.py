@@ -124,6 +124,18 @@ def test_only_the_least_loaded_accept_and_ties_go_to_the_oldest_accept(tmp_path:
     assert not a.may_accept() and b.may_accept()
 
 
+def test_a_connection_that_waited_goes_to_any_server_at_most_one_above(tmp_path: Path) -> None:
+    _, (a, b, c) = _servers(tmp_path / "t", 3)
+    _connect(a, 3)
+    _connect(b, 4)
+    _connect(c, 5)
+    assert [s.may_accept() for s in (a, b, c)] == [True, False, False]
+    # a's loop is slow to take it: after a recheck, b (one above a) may, c (two above) not.
+    assert [s.may_accept(waited=True) for s in (a, b, c)] == [True, True, False]
+    c.start_draining()
+    assert not c.may_accept(waited=True)
+
+
 def test_shedding_two_above_the_least_at_once_and_one_above_once_a_second(tmp_path: Path) -> None:
     clock = Clock()
     _, (a, b) = _servers(tmp_path / "t", 2, clock)
