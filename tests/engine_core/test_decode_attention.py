@@ -8,12 +8,11 @@ start-up; float16 takes the same tensor-core path here."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+
+from tests.engine_core.triton_interpreter import run_interpreted
 
 pytest.importorskip("triton", reason="Triton is not installed with this torch")
 
@@ -31,11 +30,7 @@ SCRIPT = textwrap.dedent(
 
 
 def test_decode_attention_equals_sdpa() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    run_interpreted(SCRIPT)
 
 
 def test_check_fails_on_a_wrong_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
