@@ -45,11 +45,24 @@ def add_rms_norm(
     return rms_norm(summed, weight, eps), summed
 
 
-def rotary(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The decoder's rotation of q (T, Hq, D) and k (T, Hkv, D), in the model dtype."""
-    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+def rotary_store(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_rows: torch.Tensor,
+    v_rows: torch.Tensor,
+    write_index: torch.Tensor,
+) -> torch.Tensor:
+    """The decoder's attention inputs from its packed projection ``qkv`` (T, (Hq + 2 Hkv) D):
+    returns q rotated (T, Hq, D); k rotated and v go into rows ``write_index`` of the flat
+    caches ``k_rows`` / ``v_rows`` (R, Hkv, D). Rotation in the model dtype, as HF."""
+    t = qkv.shape[0]
+    kv_heads, dim = k_rows.shape[1:]
+    kv_size = kv_heads * dim
+    q, k, v = qkv.split([qkv.shape[1] - 2 * kv_size, kv_size, kv_size], dim=-1)
+    k_rows.index_copy_(0, write_index, apply_rotary(k.view(t, kv_heads, dim), cos, sin))
+    v_rows.index_copy_(0, write_index, v.view(t, kv_heads, dim))
+    return apply_rotary(q.view(t, -1, dim), cos, sin)
 
 
 def add_layer_norm(
@@ -88,13 +101,19 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
+#: Never compiled: rotary_store writes into the KV cache, and dynamo guards on its views'
+#: sizes (duck sizing ties the cache's row count to whatever size it happens to equal), so a
+#: new batch size could recompile mid-step; eager it is two index_copy_ calls more.
+_EAGER_ONLY = ("rotary_store",)
+
+
 @dataclass(frozen=True, slots=True)
 class Kernels:
     """The functions the models call; built once per runner and handed to their modules."""
 
     rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
     add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-    rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    rotary_store: Callable[..., torch.Tensor]
     add_layer_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     qkv_rotary_fp32: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     silu_mul: Callable[[torch.Tensor], torch.Tensor]
@@ -104,7 +123,7 @@ class Kernels:
     @classmethod
     def eager(cls) -> Kernels:
         return cls(
-            rms_norm, add_rms_norm, rotary, add_layer_norm, qkv_rotary_fp32, silu_mul, quick_gelu
+            rms_norm, add_rms_norm, rotary_store, add_layer_norm, qkv_rotary_fp32, silu_mul, quick_gelu
         )
 
     @classmethod
@@ -119,7 +138,9 @@ class Kernels:
         fast = _triton_kernels(eager, device, dtype) if device.type == "cuda" else {}
         rest = {name: fn for name, fn in eager.items() if name not in fast}
         try:
-            compiled = {name: _compile(fn, backend) for name, fn in rest.items()}
+            compiled = {
+                name: _compile(fn, backend) for name, fn in rest.items() if name not in _EAGER_ONLY
+            }
             _try(compiled, eager, device, dtype)
         except Exception as exc:  # a missing compiler or a codegen bug costs speed, not service
             logger.warning("torch.compile of the fused kernels failed; running eager: %r", exc)
@@ -175,7 +196,7 @@ def _fields(kernels: Kernels) -> dict[str, Callable[..., Any]]:
     return {
         "rms_norm": kernels.rms_norm,
         "add_rms_norm": kernels.add_rms_norm,
-        "rotary": kernels.rotary,
+        "rotary_store": kernels.rotary_store,
         "add_layer_norm": kernels.add_layer_norm,
         "qkv_rotary_fp32": kernels.qkv_rotary_fp32,
         "silu_mul": kernels.silu_mul,
@@ -222,16 +243,28 @@ def _try(
         w = torch.randn(64, device=device, generator=gen).to(dtype)
         qk = torch.randn(t, 3, 4, 16, device=device, generator=gen).to(dtype)
         cos = torch.randn(t, 1, 16, device=device, generator=gen)
-        cases = {
-            "rms_norm": (x, w, 1e-6),
-            "add_rms_norm": (x, x, w, 1e-6),
-            "rotary": (qk[:, 0], qk[:, 1], cos.to(dtype), cos.to(dtype)),
-            "add_layer_norm": (x, x, w, w, 1e-6),
-            "qkv_rotary_fp32": (qk, cos, cos),
-            "silu_mul": (x,),
-            "quick_gelu": (x,),
+        # the decoder's packed projection (4 q heads, 1 kv head of 16) and cache rows it writes
+        packed = qk.view(t, -1)[:, : 6 * 16]
+        rows = torch.arange(t, device=device) * 2 + 1
+        cases: dict[str, Callable[[], tuple[Any, ...]]] = {
+            "rms_norm": lambda: (x, w, 1e-6),
+            "add_rms_norm": lambda: (x, x, w, 1e-6),
+            "rotary_store": lambda: (
+                packed,
+                cos.to(dtype),
+                cos.to(dtype),
+                *torch.zeros(2, 2 * t + 1, 1, 16, device=device, dtype=dtype),
+                rows,
+            ),
+            "add_layer_norm": lambda: (x, x, w, w, 1e-6),
+            "qkv_rotary_fp32": lambda: (qk, cos, cos),
+            "silu_mul": lambda: (x,),
+            "quick_gelu": lambda: (x,),
         }
         for name, fn in fast.items():
-            args = cases[name]
-            got, want = fn(*args), eager[name](*args)
+            # fresh inputs for each: a kernel that writes into one (the KV cache) is checked
+            # on what it wrote as well as on what it returned
+            got_args, want_args = cases[name](), cases[name]()
+            got, want = fn(*got_args), eager[name](*want_args)
             torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+            torch.testing.assert_close(got_args, want_args, rtol=2e-2, atol=2e-2)

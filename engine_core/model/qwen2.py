@@ -46,18 +46,15 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x (T, hidden); kv (2, num_slots, max_len, Hkv, D), this layer's cache."""
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = self.kernels.rotary(
-            q.view(t, self.num_heads, self.head_dim),
-            k.view(t, self.num_kv_heads, self.head_dim),
-            cos,
-            sin,
-        )
         k_cache, v_cache = kv[0], kv[1]
         flat_shape = (-1, self.num_kv_heads, self.head_dim)
-        k_cache.view(flat_shape).index_copy_(0, meta.write_index, k)
-        v_cache.view(flat_shape).index_copy_(
-            0, meta.write_index, v.view(t, self.num_kv_heads, self.head_dim)
+        q = self.kernels.rotary_store(
+            self.qkv_proj(x),
+            cos,
+            sin,
+            k_cache.view(flat_shape),
+            v_cache.view(flat_shape),
+            meta.write_index,
         )
         out = attend(q, k_cache, v_cache, meta, self.scale)
         return self.o_proj(out.reshape(t, self.q_size))

@@ -84,6 +84,15 @@ def _rotate_row(
 
 
 @triton.jit
+def _copy_row(src, out, H: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Copy the H x D contiguous heads of one token from ``src`` to ``out``."""
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    dims = tl.arange(0, BLOCK_D)[None, :]
+    inner, mask = heads * D + dims, (heads < H) & (dims < D)
+    tl.store(out + inner, tl.load(src + inner, mask=mask), mask=mask)
+
+
+@triton.jit
 def _qkv_rotary_kernel(
     qkv_ptr,
     cos_ptr,
@@ -102,10 +111,7 @@ def _qkv_rotary_kernel(
     cos, sin = cos_ptr + row * D, sin_ptr + row * D
     _rotate_row(src, D, q_ptr + out, cos, sin, H, D, BLOCK_H, BLOCK_D)
     _rotate_row(src + H * D, D, k_ptr + out, cos, sin, H, D, BLOCK_H, BLOCK_D)
-    heads = tl.arange(0, BLOCK_H)[:, None]
-    dims = tl.arange(0, BLOCK_D)[None, :]
-    inner, mask = heads * D + dims, (heads < H) & (dims < D)
-    tl.store(v_ptr + out + inner, tl.load(src + 2 * (H * D) + inner, mask=mask), mask=mask)
+    _copy_row(src + 2 * (H * D), v_ptr + out, H, D, BLOCK_H, BLOCK_D)
 
 
 def qkv_rotary_fp32(
@@ -239,60 +245,69 @@ def _launch_rms(
 
 
 @triton.jit
-def _rotary_kernel(
-    x_ptr,
+def _rotary_store_kernel(
+    qkv_ptr,
     cos_ptr,
     sin_ptr,
-    out_ptr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    index_ptr,
     row_stride,
-    head_stride,
-    H: tl.constexpr,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
     D: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HKV: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    _rotate_row(
-        x_ptr + row * row_stride,
-        head_stride,
-        out_ptr + row * (H * D),
-        cos_ptr + row * D,
-        sin_ptr + row * D,
-        H,
-        D,
-        BLOCK_H,
-        BLOCK_D,
-    )
+    src = qkv_ptr + row * row_stride
+    cos, sin = cos_ptr + row * D, sin_ptr + row * D
+    dest = tl.load(index_ptr + row).to(tl.int64) * (HKV * D)
+    _rotate_row(src, D, q_ptr + row * (HQ * D), cos, sin, HQ, D, BLOCK_HQ, BLOCK_D)
+    _rotate_row(src + HQ * D, D, k_ptr + dest, cos, sin, HKV, D, BLOCK_HKV, BLOCK_D)
+    _copy_row(src + (HQ + HKV) * D, v_ptr + dest, HKV, D, BLOCK_HKV, BLOCK_D)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (T, H, D), its last dimension contiguous (a view of a packed projection is fine)."""
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    n, heads, dim = x.shape
-    out = torch.empty(n, heads, dim, dtype=x.dtype, device=x.device)
+def rotary_store(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_rows: torch.Tensor,
+    v_rows: torch.Tensor,
+    write_index: torch.Tensor,
+) -> torch.Tensor:
+    """The decoder's packed projection ``qkv`` (T, (Hq + 2 Hkv) D) -> q rotated (T, Hq, D);
+    k rotated and v written straight into rows ``write_index`` of the flat caches ``k_rows``
+    and ``v_rows`` (R, Hkv, D). One launch a layer where rotary and two ``index_copy_`` took
+    three to five (a strided source costs ``index_copy_`` a copy of its own)."""
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    cos, sin = cos.contiguous(), sin.contiguous()
+    assert k_rows.is_contiguous() and v_rows.is_contiguous()
+    n = qkv.shape[0]
+    kv_heads, dim = k_rows.shape[1:]
+    heads = qkv.shape[1] // dim - 2 * kv_heads
+    q = torch.empty(n, heads, dim, dtype=qkv.dtype, device=qkv.device)
     if n:
-        _rotary_kernel[(n,)](
-            x,
+        _rotary_store_kernel[(n,)](
+            qkv,
             cos,
             sin,
-            out,
-            x.stride(0),
-            x.stride(1),
-            H=heads,
+            q,
+            k_rows,
+            v_rows,
+            write_index,
+            qkv.stride(0),
+            HQ=heads,
+            HKV=kv_heads,
             D=dim,
-            BLOCK_H=triton.next_power_of_2(heads),
+            BLOCK_HQ=triton.next_power_of_2(heads),
+            BLOCK_HKV=triton.next_power_of_2(kv_heads),
             BLOCK_D=triton.next_power_of_2(dim),
         )
-    return out
-
-
-def rotary(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The decoder's rotation of q (T, Hq, D) and k (T, Hkv, D) by cos/sin (T, 1, D)."""
-    cos, sin = cos.contiguous(), sin.contiguous()
-    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+    return q
 
 
 @triton.jit
@@ -323,7 +338,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 KERNELS = {
     "rms_norm": rms_norm,
     "add_rms_norm": add_rms_norm,
-    "rotary": rotary,
+    "rotary_store": rotary_store,
     "add_layer_norm": add_layer_norm,
     "qkv_rotary_fp32": qkv_rotary_fp32,
     "silu_mul": silu_mul,

@@ -39,9 +39,14 @@ def test_every_kernel_traces_whole_and_matches_eager(fused: Kernels) -> None:
             strict=True,
         ):
             torch.testing.assert_close(got, want)
+        packed, rows = qk.reshape(5, -1)[:, :32], torch.tensor([6, 0, 3, 1, 4])
+        caches = [torch.zeros(2, 7, 1, 8) for _ in "ab"]
         torch.testing.assert_close(
-            fused.rotary(qk[:, 0], qk[:, 1], cos, sin), eager.rotary(qk[:, 0], qk[:, 1], cos, sin)
+            fused.rotary_store(packed, cos, sin, *caches[0], rows),
+            eager.rotary_store(packed, cos, sin, *caches[1], rows),
         )
+        torch.testing.assert_close(caches[0], caches[1])
+        assert caches[0][:, 2].abs().sum() == 0 and caches[0][:, rows].abs().sum() > 0
         torch.testing.assert_close(
             fused.qkv_rotary_fp32(qk, cos, sin), eager.qkv_rotary_fp32(qk, cos, sin)
         )
@@ -64,7 +69,10 @@ def test_the_start_up_compile_serves_the_steps_without_recompiling(fused: Kernel
                 qk, cos = torch.randn(rows, 3, 4, 16), torch.randn(rows, 1, 16)
                 fused.rms_norm(x, w, 1e-6)
                 fused.add_rms_norm(x, x, w, 1e-6)
-                fused.rotary(qk[:, 0], qk[:, 1], cos, cos)
+                fused.rotary_store(
+                    qk.reshape(rows, -1)[:, :96], cos, cos, *torch.zeros(2, rows, 1, 16),
+                    torch.arange(rows),
+                )
                 fused.qkv_rotary_fp32(qk, cos, cos)
                 fused.add_layer_norm(x, x, w, w, 1e-6)
                 fused.silu_mul(x)

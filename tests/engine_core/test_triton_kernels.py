@@ -45,13 +45,14 @@ SCRIPT = textwrap.dedent(
         ):
             close(a, c)
         # the decoder's q and k: views of one packed projection (7 q heads, 3 kv heads of 12)
-        packed = torch.randn(37, (7 + 2 * 3) * 12, generator=gen).to(dtype)
-        q, k = packed[:, :84].view(37, 7, 12), packed[:, 84:120].view(37, 3, 12)
+        packed = torch.randn(37, 200, generator=gen).to(dtype)[:, : (7 + 2 * 3) * 12]  # strided rows
         cos_d, sin_d = cos.to(dtype), sin.to(dtype)
-        for a, c in zip(
-            tk.rotary(q, k, cos_d, sin_d), kernels.rotary(q, k, cos_d, sin_d), strict=True
-        ):
-            close(a, c)
+        rows = torch.randperm(50, generator=gen)[:37]  # scattered cache rows, 13 left untouched
+        got_kv, want_kv = (torch.zeros(2, 50, 3, 12, dtype=dtype) for _ in "ab")
+        close(tk.rotary_store(packed, cos_d, sin_d, *got_kv, rows),
+              kernels.rotary_store(packed, cos_d, sin_d, *want_kv, rows))
+        close(got_kv, want_kv)
+        assert want_kv[:, rows].abs().sum() > 0
         gate_up = torch.randn(3, 2 * 1100, generator=gen).to(dtype)  # two row blocks
         close(tk.silu_mul(gate_up), kernels.silu_mul(gate_up))
         empty = torch.empty(0, 80, dtype=dtype)
