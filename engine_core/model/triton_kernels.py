@@ -84,7 +84,9 @@ def _rotate_row(
 
 
 @triton.jit
-def _copy_row(src, out, H: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+def _copy_row(
+    src, out, H: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr
+):
     """Copy the H x D contiguous heads of one token from ``src`` to ``out``."""
     heads = tl.arange(0, BLOCK_H)[:, None]
     dims = tl.arange(0, BLOCK_D)[None, :]

@@ -70,7 +70,10 @@ def test_the_start_up_compile_serves_the_steps_without_recompiling(fused: Kernel
                 fused.rms_norm(x, w, 1e-6)
                 fused.add_rms_norm(x, x, w, 1e-6)
                 fused.rotary_store(
-                    qk.reshape(rows, -1)[:, :96], cos, cos, *torch.zeros(2, rows, 1, 16),
+                    qk.reshape(rows, -1)[:, :96],
+                    cos,
+                    cos,
+                    *torch.zeros(2, rows, 1, 16),
                     torch.arange(rows),
                 )
                 fused.qkv_rotary_fp32(qk, cos, cos)

@@ -44,8 +44,8 @@ SCRIPT = textwrap.dedent(
             tk.add_rms_norm(x, y, w80, 1e-6), kernels.add_rms_norm(x, y, w80, 1e-6), strict=True
         ):
             close(a, c)
-        # the decoder's q and k: views of one packed projection (7 q heads, 3 kv heads of 12)
-        packed = torch.randn(37, 200, generator=gen).to(dtype)[:, : (7 + 2 * 3) * 12]  # strided rows
+        # the decoder's packed projection (7 q heads, 3 kv heads of 12), rows strided
+        packed = torch.randn(37, 200, generator=gen).to(dtype)[:, : (7 + 2 * 3) * 12]
         cos_d, sin_d = cos.to(dtype), sin.to(dtype)
         rows = torch.randperm(50, generator=gen)[:37]  # scattered cache rows, 13 left untouched
         got_kv, want_kv = (torch.zeros(2, 50, 3, 12, dtype=dtype) for _ in "ab")
