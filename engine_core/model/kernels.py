@@ -275,6 +275,7 @@ def _copies(args: tuple[Any, ...]) -> tuple[Any, ...]:
     """Fresh copies of the tensors in ``args``, one per distinct tensor: a tensor passed twice
     stays one tensor (dynamo guards on such aliasing, and the steps pass cos/sin like that)."""
     memo: dict[int, torch.Tensor] = {}
-    return tuple(
-        memo.setdefault(id(a), a.clone()) if isinstance(a, torch.Tensor) else a for a in args
-    )
+    for a in args:
+        if isinstance(a, torch.Tensor) and id(a) not in memo:
+            memo[id(a)] = a.clone()
+    return tuple(memo.get(id(a), a) for a in args)
