@@ -6,8 +6,9 @@ context its kernel took 0.96 ms a step where reading the batch's KV once takes 0
 H200's copy rate, and at batch 1 its combine kernel alone took 0.19 ms (bench/results/engine.md).
 Here a program owns one (sequence, KV head, split of the context) and computes the whole group of
 query heads that share the KV head as the rows of one matrix product, so each K/V block is read
-once; a second small kernel combines the splits. Splits give batch 1 enough programs to fill the
-GPU; at large batches there is one.
+once; a second small kernel combines the splits. Splits give small batches enough programs to
+fill the GPU; once the batch alone does (batch 64 of the 2B model: 128 programs on 132 SMs) there
+is one, and the program writes its output itself with no combine launch.
 
 The cache is the runner's flat view ``(num_slots * max_len, Hkv, D)``; sequence ``b`` reads rows
 ``k_start[b] .. k_start[b] + k_len[b]`` (the CUDA graphs' device-side metadata, so the kernels
@@ -27,9 +28,6 @@ import triton.language as tl
 BLOCK_N = 64
 #: The most splits of one sequence's context; a power of two (the combine kernel's block).
 MAX_SPLITS = 32
-#: A split is never shorter than this many rows: below it, the combine costs more than the
-#: extra programs save.
-MIN_SPLIT_ROWS = 256
 
 
 @triton.jit(do_not_specialize=["scale", "splits"])
@@ -42,18 +40,22 @@ def _split_kernel(
     acc_ptr,
     peak_ptr,
     denom_ptr,
+    out_ptr,
     scale,
     splits,
     stride_qb,
     stride_qh,
     stride_kr,
     stride_kh,
+    stride_ob,
+    stride_oh,
     G: tl.constexpr,
     D: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HQ: tl.constexpr,
+    SINGLE: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -93,15 +95,18 @@ def _split_kernel(
         v = tl.load(v_ptr + at, mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         peak = peak_new
-    # partials (B, HQ, splits[, D]): an empty split leaves peak = -inf, denom = 0, which weighs 0
-    row = (b * HQ + heads) * splits + split
-    tl.store(peak_ptr + row, peak, mask=head_mask)
-    tl.store(denom_ptr + row, denom, mask=head_mask)
-    tl.store(
-        acc_ptr + row[:, None] * BLOCK_D + dims[None, :],
-        acc,
-        mask=head_mask[:, None] & dim_mask[None, :],
-    )
+    out_mask = head_mask[:, None] & dim_mask[None, :]
+    if SINGLE:  # the whole context was this program's: normalise and write the output
+        tl.store(
+            out_ptr + b * stride_ob + heads[:, None] * stride_oh + dims[None, :],
+            (acc / denom[:, None]).to(out_ptr.dtype.element_ty),
+            mask=out_mask,
+        )
+    else:  # partials (B, HQ, splits[, D]): an empty split leaves peak -inf, denom 0: weight 0
+        row = (b * HQ + heads) * splits + split
+        tl.store(peak_ptr + row, peak, mask=head_mask)
+        tl.store(denom_ptr + row, denom, mask=head_mask)
+        tl.store(acc_ptr + row[:, None] * BLOCK_D + dims[None, :], acc, mask=out_mask)
 
 
 @triton.jit(do_not_specialize=["splits"])
@@ -142,10 +147,13 @@ def _combine_kernel(
 
 
 def num_splits(batch: int, num_kv_heads: int, max_len: int, num_sms: int) -> int:
-    """Splits of each context so that the batch's programs cover the GPU about twice, none
-    shorter than MIN_SPLIT_ROWS rows of ``max_len``."""
-    wanted = triton.cdiv(2 * num_sms, batch * num_kv_heads)
-    return max(1, min(MAX_SPLITS, wanted, max_len // MIN_SPLIT_ROWS))
+    """Splits of each context so that the batch's programs number about one per SM, none shorter
+    than a block of ``max_len``. One program an SM reads as fast as several (H200, batch 64 of
+    the 2B model at 1k context: 26.1 us a layer at 1 split, 25.5 at 3 and 25.2 at 6, each with
+    a combine launch), and a single split needs no combine at all; at batch 1 splits as short
+    as 64 rows pay (6.0 us at 16 splits, 8.3 at 4: bench/results/engine.md)."""
+    wanted = round(num_sms / (batch * num_kv_heads))
+    return max(1, min(MAX_SPLITS, wanted, max_len // BLOCK_N))
 
 
 def decode_attention(
@@ -165,8 +173,11 @@ def decode_attention(
     assert hq % hkv == 0 and 1 <= splits <= MAX_SPLITS
     block_d = triton.next_power_of_2(d)
     out = torch.empty_like(q)
-    acc = torch.empty(batch, hq, splits, block_d, dtype=torch.float32, device=q.device)
-    peak = torch.empty(batch, hq, splits, dtype=torch.float32, device=q.device)
+    single = splits == 1
+    # the partials are the combine's input; a single split writes ``out`` and needs none
+    parts = 0 if single else splits
+    acc = torch.empty(batch, hq, parts, block_d, dtype=torch.float32, device=q.device)
+    peak = torch.empty(batch, hq, parts, dtype=torch.float32, device=q.device)
     denom = torch.empty_like(peak)
     _split_kernel[(batch, hkv, splits)](
         q,
@@ -177,19 +188,25 @@ def decode_attention(
         acc,
         peak,
         denom,
+        out,
         scale,
         splits,
         q.stride(0),
         q.stride(1),
         hkv * d,
         d,
+        out.stride(0),
+        out.stride(1),
         G=hq // hkv,
         D=d,
         BLOCK_G=max(16, triton.next_power_of_2(hq // hkv)),  # tl.dot takes 16 rows or more
         BLOCK_D=block_d,
         BLOCK_N=BLOCK_N,
         HQ=hq,
+        SINGLE=single,
     )
+    if single:
+        return out
     _combine_kernel[(batch, hq)](
         acc,
         peak,

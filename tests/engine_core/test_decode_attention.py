@@ -1,10 +1,11 @@
-"""The Triton decode attention against SDPA, on the CPU through Triton's interpreter (read when
-a kernel is defined: hence a fresh interpreter). ``check`` is what the CUDA graphs run before
-they capture: lengths of one row, part of a block and several blocks, at 1, 3 and the most
-splits. Shapes: the 2B model's heads (12 over 2, head_dim 128) and an odd one (3 query heads a
-KV head, head_dim 80: every mask). The interpreter's ``tl.dot`` gives wrong sums on bfloat16
-inputs (Triton 3.8: 1e10 off on a 16x16 product), so bfloat16 is checked on CUDA only, at
-start-up; float16 takes the same tensor-core path here."""
+"""The Triton decode attention against SDPA, on the CPU through Triton's interpreter (read when a
+kernel is defined: hence a fresh interpreter). ``check`` is what the CUDA graphs run before they
+capture: lengths of one row, part of a block and several blocks, at 1 split (written by the
+split kernel itself), 3 and the most splits (combined). Shapes: the 2B model's heads (12 over 2,
+head_dim 128) and an odd one (3 query heads a KV head, head_dim 80: every mask). The
+interpreter's ``tl.dot`` gives wrong sums on bfloat16 inputs (Triton 3.8: 1e10 off on a 16x16
+product), so bfloat16 is checked on CUDA only, at start-up; float16 takes the same tensor-core
+path here."""
 
 from __future__ import annotations
 
@@ -51,8 +52,10 @@ def test_check_fails_on_a_wrong_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     ("batch", "kv_heads", "max_len", "want"),
     [
         (1, 2, 32768, 32),  # batch 1: split as far as allowed, 64 programs
-        (1, 2, 2048, 8),  # never under 256 rows of the longest context
-        (64, 2, 32768, 3),  # 128 programs: 3 splits cover 132 SMs about twice
+        (1, 2, 512, 8),  # never under a block (64 rows) of the longest context
+        (16, 2, 32768, 4),  # 32 programs: 4 splits, one program an SM
+        (40, 2, 32768, 2),  # 80 programs: 2 splits
+        (64, 2, 32768, 1),  # 128 programs on 132 SMs: one split, no combine
         (256, 2, 32768, 1),  # the batch alone fills the GPU
         (1, 2, 100, 1),
     ],
