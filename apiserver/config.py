@@ -138,10 +138,12 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         float, Meta(gt=0, description="seconds to wait for the engine to load the model")
     ] = 900.0
     preprocess_mode: Annotated[
-        Literal["pool", "inline"],
+        Literal["pool", "process", "inline"],
         Meta(
-            description="'pool': preprocessing on the render thread pool; 'inline': on the "
-            "event loop, which it blocks (the old one-process behaviour; for benchmark "
+            description="'pool': preprocessing on the render thread pool; 'process': chats "
+            "with images on --renderer-num-workers worker processes per API server (the rest "
+            "on the pool), so that the event loop never waits for a render's GIL; 'inline': "
+            "on the event loop, which it blocks (the old one-process behaviour; for benchmark "
             "baselines only, never for serving)"
         ),
     ] = "pool"

@@ -1,5 +1,6 @@
 """HF preprocessing off the event loop: chat template, tokenization, image decode and the
-model's own image processor, on a small bounded thread pool.
+model's own image processor, on a small bounded thread pool, or for chats with images in
+``--preprocess-mode process`` on render worker processes (``apiserver.render_workers``).
 
 Every tokenization goes to the pool, even for short texts. Measured on the 2-core CPU
 machine with the default model's tokenizer: a short chat through the template and tokenizer
@@ -13,11 +14,12 @@ per process beat 1).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -31,6 +33,7 @@ from apiserver.config import ServerConfig
 from apiserver.errors import ApiError
 from apiserver.media import MediaBytes, MediaFetcher, image_bytes, load_rgb, open_image
 from apiserver.protocol import ChatMessage, ImagePart, TextPart
+from apiserver.render_workers import RenderWorkers
 from ipc.messages import MultiModalItem, Ready
 
 T = TypeVar("T")
@@ -57,9 +60,17 @@ class Renderer:
     """Owns the tokenizer, the processor and the render pool of one API server."""
 
     def __init__(
-        self, tokenizer: Any, processor: Any, ready: Ready, config: ServerConfig, num_workers: int
+        self,
+        tokenizer: Any,
+        processor: Any,
+        ready: Ready,
+        config: ServerConfig,
+        num_workers: int,
+        workers: RenderWorkers | None = None,
     ) -> None:
         self.tokenizer = tokenizer
+        #: Where chats with images render, when not on the pool (``--preprocess-mode process``).
+        self._workers = workers
         self._processor = processor
         self._ready = ready
         self._config = config
@@ -84,15 +95,24 @@ class Renderer:
             )
 
     @classmethod
-    def load(cls, model_dir: str, ready: Ready, config: ServerConfig, num_workers: int) -> Renderer:
+    def load(
+        cls,
+        model_dir: str,
+        ready: Ready,
+        config: ServerConfig,
+        num_workers: int,
+        workers: RenderWorkers | None = None,
+    ) -> Renderer:
         """Load the model's tokenizer (and processor when it takes images), for a pool of
-        ``num_workers`` render threads. Blocking."""
+        ``num_workers`` render threads (and ``workers``, started). Blocking."""
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         processor = AutoProcessor.from_pretrained(model_dir) if ready.supports_images else None
-        return cls(tokenizer, processor, ready, config, num_workers)
+        return cls(tokenizer, processor, ready, config, num_workers, workers)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._workers is not None:
+            self._workers.close()
 
     @property
     def is_full(self) -> bool:
@@ -103,14 +123,22 @@ class Renderer:
         """Renders waiting for a thread (admission's queue wait)."""
         return max(0, self._pending - self._num_workers)
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` on the pool (or, in ``inline`` preprocess mode, right here on the
-        event loop); 429 when too many renders already wait."""
+    @contextlib.contextmanager
+    def _slot(self) -> Iterator[None]:
+        """One render waiting or running; 429 when too many already wait."""
         if self.is_full:
             raise ApiError(
                 429, "preprocessing queue is full; retry later", headers={"Retry-After": "1"}
             )
         self._pending += 1
+        try:
+            yield
+        finally:
+            self._pending -= 1
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the pool (or, in ``inline`` preprocess mode, right here on the
+        event loop); 429 when too many renders already wait."""
         submitted = time.perf_counter()
 
         def timed() -> T:
@@ -121,12 +149,10 @@ class Renderer:
             finally:
                 metrics.RENDER.observe(time.perf_counter() - started)
 
-        try:
+        with self._slot():
             if self._config.preprocess_mode == "inline":
                 return timed()
             return await asyncio.get_running_loop().run_in_executor(self._pool, timed)
-        finally:
-            self._pending -= 1
 
     async def render_chat(
         self,
@@ -149,9 +175,14 @@ class Renderer:
         if urls and self._processor is None:
             raise ApiError(400, "this model does not accept images", param="messages")
         media = await asyncio.gather(*(fetcher.fetch(u) for u in urls))
-        return await self.run(
-            self._chat_blocking, conversation, media, add_generation_prompt, reserved_tokens
-        )
+        args = (conversation, media, add_generation_prompt, reserved_tokens)
+        if not media or self._workers is None:
+            return await self.run(self.chat_blocking, *args)
+        with self._slot():
+            prompt, waited, took = await self._workers.chat(*args)
+        metrics.RENDER_QUEUE.observe(waited)
+        metrics.RENDER.observe(took)
+        return prompt  # type: ignore[no-any-return]
 
     async def render_text(self, text: str, add_special_tokens: bool = True) -> Prompt:
         ids = await self.run(self._encode_blocking, text, add_special_tokens)
@@ -179,7 +210,7 @@ class Renderer:
     def _encode_blocking(self, text: str, add_special_tokens: bool) -> np.ndarray:
         return np.asarray(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
-    def _chat_blocking(
+    def chat_blocking(
         self,
         conversation: list[dict[str, Any]],
         media: list[MediaBytes],

@@ -52,6 +52,7 @@ from ipc.lifecycle import die_with_parent, name_process, signal_ready
 
 if TYPE_CHECKING:  # imported for real in _serve, after PROMETHEUS_MULTIPROC_DIR is set
     from apiserver.context import ServerContext
+    from apiserver.render_workers import RenderWorkers
 
 log = logging.getLogger("apiserver")
 
@@ -102,6 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     except (cpu_budget.BudgetError, OSError) as exc:
         log.error("cannot start: %s", exc)
         return 2
+    workers = None
+    if config.preprocess_mode == "process":  # forked now: no thread of this server runs yet
+        from apiserver.render_workers import RenderWorkers
+
+        inherited = [args.listen_fd] + ([] if args.ready_fd is None else [args.ready_fd])
+        workers = RenderWorkers.fork(
+            share.render_workers, config, f"fanin-render-{args.index}", inherited
+        )
     sock = socket.socket(fileno=args.listen_fd)
     try:
         return uvloop.run(
@@ -113,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.ready_fd,
                 share,
                 Balancer(table, row, config.max_connections),
+                workers,
             )
         )
     except (TimeoutError, ConnectionError, OSError) as exc:
@@ -178,6 +188,7 @@ async def _serve(
     ready_fd: int | None,
     share: cpu_budget.CpuShare,
     balancer: Balancer,
+    workers: RenderWorkers | None,
 ) -> int:
     """Serve until SIGTERM (0) or until the engine client cannot go on (1)."""
     # Imported here: they import prometheus_client, which must see PROMETHEUS_MULTIPROC_DIR.
@@ -201,10 +212,17 @@ async def _serve(
     client = EngineClient(engine_address, index, config.engine_heartbeat_timeout, on_fatal=on_fatal)
     try:
         ready = await client.start(config.engine_ready_timeout)
+        if workers is not None and not ready.supports_images:
+            workers.close()  # they would render nothing: every chat is text
+            workers = None
+        if workers is not None:
+            await workers.start(ready, on_fatal)
         renderer = await asyncio.to_thread(
-            Renderer.load, ready.model, ready, config, share.render_workers
+            Renderer.load, ready.model, ready, config, share.render_workers, workers
         )
     except BaseException:
+        if workers is not None:
+            workers.close()
         await client.close()
         raise
     # Start-up over: what lives now lives as long as the server (see ``freeze_heap``).

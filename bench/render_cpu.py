@@ -1,5 +1,5 @@
 """CPU of one chat-with-a-photo render, in this process on one thread: the API server's
-render (``Renderer._chat_blocking``: template, one tokenization with a placeholder per image
+render (``Renderer.chat_blocking``: template, one tokenization with a placeholder per image
 expanded afterwards, decode, the image processor with uint8 output, content hash) beside the
 same prompt made the Hugging Face way (template, then the processor on text and images, which
 expands the placeholders in the text and tokenizes all of it), photo by photo in turn so that
@@ -80,7 +80,7 @@ def run(model: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
             ours, theirs = [], []
             for n, jpeg in enumerate(photos(width, height, 3 + args.photos, seed=index)):
                 t0 = time.thread_time()
-                renderer._chat_blocking(CHAT, [MediaBytes(jpeg)], True, 16)
+                renderer.chat_blocking(CHAT, [MediaBytes(jpeg)], True, 16)
                 t1 = time.thread_time()
                 image = Image.open(io.BytesIO(jpeg)).convert("RGB")
                 text = processor.apply_chat_template(CHAT, add_generation_prompt=True)

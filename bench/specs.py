@@ -1,4 +1,4 @@
-"""A sweep's server configurations: the ``[inline:|pool:]NxW`` grammar, the ``frontend``
+"""A sweep's server configurations: the ``[inline:|pool:|process:]NxW`` grammar, the ``frontend``
 preset and ``--env`` items, each turned into the ``fanin serve`` flags and environment they
 mean. Both counts are always passed; ``auto`` for either is fanin's default (its CPU budget
 picks it), which is how "default flags" configurations are written (``8xauto``)."""
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from bench.config import SweepConfig
 
-_SPEC = re.compile(r"^(?:(inline|pool):)?(\d{1,3}|auto)x(\d{1,3}|auto)$")
+_SPEC = re.compile(r"^(?:(inline|pool|process):)?(\d{1,3}|auto)x(\d{1,3}|auto)$")
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,9 @@ def parse_spec(text: str) -> ServerSpec:
     match = _SPEC.match(text.strip())
     counts = [g if g == "auto" else int(g) for g in (match.groups()[1:] if match else ())]
     if not match or 0 in counts:
-        raise ValueError(f"--configs: {text!r} is not [inline:|pool:]NxW (e.g. pool:4x2, 8xauto)")
+        raise ValueError(
+            f"--configs: {text!r} is not [inline:|pool:|process:]NxW (e.g. pool:4x2, 8xauto)"
+        )
     return ServerSpec(match.group(1) or "pool", counts[0], counts[1])
 
 

@@ -74,7 +74,7 @@ def _renderer(model: Path, pixel_dtype: str, processor: Any = None) -> Renderer:
 
 def _render(renderer: Renderer, *media: MediaBytes) -> Prompt:
     try:
-        return renderer._chat_blocking(CHAT, list(media), True, 16)
+        return renderer.chat_blocking(CHAT, list(media), True, 16)
     finally:
         renderer.close()
 
@@ -161,7 +161,7 @@ def test_prompt_equals_the_processors_own(default_model_dir: Path) -> None:
             content[count % 2 : count % 2] = [{"type": "image"}] * count
             chat = [{"role": "user", "content": content}]
             media = [MediaBytes(p) for p in photos[:count]]
-            prompt = renderer._chat_blocking(chat, media, True, 16)
+            prompt = renderer.chat_blocking(chat, media, True, 16)
             images = [Image.open(io.BytesIO(p)).convert("RGB") for p in photos[:count]]
             expected = processor(
                 text=[processor.apply_chat_template(chat, add_generation_prompt=True)],
@@ -190,7 +190,7 @@ def test_text_spelling_the_image_placeholder_is_refused(default_model_dir: Path)
     ]
     try:
         with pytest.raises(ApiError, match="placeholder tokens without images") as err:
-            renderer._chat_blocking(chat, [MediaBytes(COFFEE)], True, 16)
+            renderer.chat_blocking(chat, [MediaBytes(COFFEE)], True, 16)
         assert err.value.status == 400
     finally:
         renderer.close()

@@ -1,0 +1,311 @@
+"""Render worker processes (``--preprocess-mode process``): the image path of preprocessing
+(chat template, tokenizer, image decode, the model's image processor) in processes of its own,
+so that the API server's event loop never waits for a render thread to let go of the GIL.
+
+Why: the image processor runs Python between its native ops, and a render thread in the
+server's process holds the GIL meanwhile, so every event-loop callback (accept, read, write)
+can wait behind one. At 2x overload with 4 servers and render threads, /health p99 was
+19.5-43 ms against the 5 ms goal (bench/results/overload.md).
+
+How: ``RenderWorkers.fork`` runs in the API server's ``main`` before the server starts any
+thread (a child forked while other threads hold locks can deadlock on them), so each worker is
+a one-thread copy of a process that already imported torch and transformers (the launcher
+preloads them). A worker waits on its end of a socketpair for the engine's ``Ready`` (known
+only once the engine answers), loads the tokenizer and processor, then renders one chat at a
+time. Messages are pickles (protocol 5) with tensors and arrays as out-of-band buffers: a
+photo's patches cross the socket as one kernel copy each way and none in Python. Both ends
+are this server's own processes, so unpickling their messages is safe.
+
+A worker ignores SIGINT, SIGTERM and SIGHUP (a terminal's Ctrl-C and systemd's stop signal
+reach the whole process group, and the server keeps rendering while it drains); it exits when
+its socket closes, or with the server (``die_with_parent``). A worker that dies mid-render
+fails that request; the server then exits for the launcher to start a fresh one, since forking
+a new worker from a running server is what the early fork avoids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import os
+import pickle
+import signal
+import socket
+import struct
+import time
+import traceback
+from collections.abc import Callable, Generator, Iterable
+from typing import Any
+
+import torch
+
+from apiserver.config import ServerConfig
+from apiserver.errors import ApiError
+from ipc.lifecycle import die_with_parent, name_process
+
+log = logging.getLogger(__name__)
+
+#: A message: its pickle's length and the number of out-of-band buffers, then one length per
+#: buffer, then the pickle and the buffers.
+_HEADER = struct.Struct("<QI")
+_LENGTH = struct.Struct("<Q")
+_TORCH_DTYPES = {
+    name: getattr(torch, name) for name in ("uint8", "int32", "int64", "float32", "bfloat16")
+}
+
+
+class _Pickler(pickle.Pickler):
+    """Tensors as (dtype, shape, raw bytes out of band): torch's own reduction copies them."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if not isinstance(obj, torch.Tensor):
+            return NotImplemented
+        t = obj.detach().contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy().data
+        dtype = str(t.dtype).removeprefix("torch.")
+        return _tensor, (dtype, tuple(t.shape), pickle.PickleBuffer(raw))
+
+
+def _tensor(dtype: str, shape: tuple[int, ...], buf: Any) -> torch.Tensor:
+    data = memoryview(buf)
+    if data.nbytes == 0:  # torch.frombuffer refuses empty buffers
+        return torch.empty(shape, dtype=_TORCH_DTYPES[dtype])
+    return torch.frombuffer(data, dtype=torch.uint8).view(_TORCH_DTYPES[dtype]).reshape(shape)
+
+
+def _dumps(obj: Any) -> list[bytes | memoryview]:
+    buffers: list[pickle.PickleBuffer] = []
+    body = io.BytesIO()
+    _Pickler(body, protocol=5, buffer_callback=buffers.append).dump(obj)
+    raws = [b.raw() for b in buffers]
+    head = _HEADER.pack(body.tell(), len(raws)) + b"".join(_LENGTH.pack(r.nbytes) for r in raws)
+    return [head, body.getbuffer(), *raws]
+
+
+def _frame() -> Generator[int, bytearray, Any]:
+    """Reads one message: yields how many bytes it needs next, is sent them, returns the
+    message (one parser for the worker's blocking reads and the server's asyncio ones)."""
+    body, count = _HEADER.unpack((yield _HEADER.size))
+    lengths = yield _LENGTH.size * count
+    parts = [(yield body)]
+    for i in range(count):
+        parts.append((yield _LENGTH.unpack_from(lengths, _LENGTH.size * i)[0]))
+    return pickle.loads(parts[0], buffers=parts[1:])
+
+
+class WorkerLost(ConnectionError):
+    """A render worker's socket closed: the worker died."""
+
+
+def _died() -> ApiError:
+    return ApiError(503, "a preprocessing worker died; retry", headers={"Retry-After": "1"})
+
+
+# --- the worker's side: blocking ---------------------------------------------------------
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytearray:
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            raise WorkerLost("socket closed")
+        got += k
+    return buf
+
+
+def _recv(sock: socket.socket) -> Any:
+    frame = _frame()
+    try:
+        n = next(frame)
+        while True:
+            n = frame.send(_recv_exact(sock, n))
+    except StopIteration as done:
+        return done.value
+
+
+def _send(sock: socket.socket, obj: Any) -> None:
+    for part in _dumps(obj):
+        sock.sendall(part)
+
+
+def _serve(sock: socket.socket, config: ServerConfig) -> None:
+    """Render until the server closes the socket. Replies: ("ok", result, seconds) or
+    ("error", (status, message, param, code, headers), seconds)."""
+    from apiserver.launch.preload import freeze_heap
+    from apiserver.renderer import Renderer
+
+    renderer: Renderer | None = None
+    while True:
+        try:
+            op, args = _recv(sock)
+        except WorkerLost:
+            return
+        started = time.perf_counter()
+        try:
+            if op == "load":
+                renderer = Renderer.load(args.model, args, config, 1)
+                freeze_heap()
+                result = None
+            else:
+                assert renderer is not None, "chat before load"
+                result = renderer.chat_blocking(*args)
+            reply: tuple[str, Any, float] = ("ok", result, time.perf_counter() - started)
+        except ApiError as exc:
+            error = (exc.status, exc.message, exc.param, exc.code, exc.headers)
+            reply = ("error", error, time.perf_counter() - started)
+        except Exception as exc:  # a bug or a native library's error: this request's 500
+            log.exception("render worker: %s failed", op)
+            reply = ("error", (500, f"preprocessing failed: {exc!r}", None, None, {}), 0.0)
+        _send(sock, reply)
+
+
+def _worker_main(sock: socket.socket, config: ServerConfig, parent: int, title: str) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    die_with_parent(parent, signal.SIGKILL)  # SIGTERM is ignored
+    name_process(title)
+    _serve(sock, config)
+    # The renderer's module made the server's metrics here too (zeros: a worker observes
+    # none; the server does, from its replies); in multiprocess mode, drop this pid's files.
+    from apiserver import metrics
+
+    metrics.mark_dead(os.getpid())
+
+
+# --- the server's side: asyncio --------------------------------------------------------
+
+
+class RenderWorkers:
+    """The render worker processes of one API server, one chat at a time each."""
+
+    def __init__(self, socks: list[socket.socket], pids: list[int]) -> None:
+        self._socks = socks
+        self.pids = pids
+        self._idle: asyncio.Queue[socket.socket] | None = None
+        self._lost: Callable[[str], None] | None = None
+        self._dead = False  # a worker died: the server is on its way out
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pidfds: list[int] = []
+
+    @classmethod
+    def fork(
+        cls, count: int, config: ServerConfig, title: str, close_in_child: Iterable[int]
+    ) -> RenderWorkers:
+        """Fork ``count`` workers now (before any thread starts), named ``{title}.{i}`` in ps.
+        ``close_in_child``: the server's descriptors a worker must not hold (its listening
+        socket: a worker holding it would keep the port open after the server died)."""
+        close = list(close_in_child)
+        socks: list[socket.socket] = []
+        pids: list[int] = []
+        parent = os.getpid()
+        for i in range(count):
+            ours, theirs = socket.socketpair()
+            pid = os.fork()
+            if pid == 0:  # the worker; it never returns into the server's code
+                status = 1
+                try:
+                    ours.close()
+                    for s in socks:
+                        s.close()
+                    for fd in close:
+                        os.close(fd)
+                    _worker_main(theirs, config, parent, f"{title}.{i}")
+                    status = 0
+                except BaseException:
+                    traceback.print_exc()
+                finally:
+                    os._exit(status)
+            theirs.close()
+            ours.setblocking(False)
+            socks.append(ours)
+            pids.append(pid)
+        return cls(socks, pids)
+
+    async def start(self, ready: Any, on_lost: Callable[[str], None]) -> None:
+        """Load every worker's tokenizer and processor for the engine's ``ready``; ``on_lost``
+        is called once a worker has died."""
+        self._lost = on_lost
+        self._loop = asyncio.get_running_loop()
+        for pid in self.pids:  # an idle worker's death is noticed too, not only a busy one's
+            fd = os.pidfd_open(pid)
+            self._pidfds.append(fd)
+            self._loop.add_reader(fd, self._exited, pid)
+        replies = await asyncio.gather(*(self._exchange(s, ("load", ready)) for s in self._socks))
+        for status, detail, _ in replies:
+            if status != "ok":
+                raise RuntimeError(f"a render worker could not load the model: {detail[1]}")
+        self._idle = asyncio.Queue()
+        for s in self._socks:
+            self._idle.put_nowait(s)
+
+    async def chat(self, *args: Any) -> tuple[Any, float, float]:
+        """``Renderer.chat_blocking(*args)`` on the first free worker: (its result, seconds
+        waited for a worker, seconds it rendered). Its ApiError is raised here."""
+        assert self._idle is not None, "start() first"
+        if self._dead:
+            raise _died()
+        asked = time.perf_counter()
+        sock = await self._idle.get()
+        waited = time.perf_counter() - asked
+        # Shielded: a cancelled request still reads its reply, or the next request would.
+        status, detail, took = await asyncio.shield(self._use(sock, ("chat", args)))
+        if status != "ok":
+            raise ApiError(detail[0], detail[1], param=detail[2], code=detail[3], headers=detail[4])
+        return detail, waited, took
+
+    async def _use(self, sock: socket.socket, message: Any) -> tuple[str, Any, float]:
+        try:
+            reply: tuple[str, Any, float] = await self._exchange(sock, message)
+        except (WorkerLost, OSError) as exc:
+            self._die(f"a render worker died ({exc})")
+            raise _died() from None
+        assert self._idle is not None
+        self._idle.put_nowait(sock)
+        return reply
+
+    def _exited(self, pid: int) -> None:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # reap it
+        self._die(f"render worker {pid} exited")
+
+    def _die(self, reason: str) -> None:
+        if not self._dead and self._lost is not None:
+            self._lost(reason)
+        self._dead = True
+
+    async def _exchange(self, sock: socket.socket, message: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        for part in _dumps(message):
+            await loop.sock_sendall(sock, part)
+        frame = _frame()
+        try:
+            n = next(frame)
+            while True:
+                n = frame.send(await self._read(loop, sock, n))
+        except StopIteration as done:
+            return done.value
+
+    @staticmethod
+    async def _read(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytearray:
+        buf = bytearray(n)
+        view, got = memoryview(buf), 0
+        while got < n:
+            k = await loop.sock_recv_into(sock, view[got:])
+            if k == 0:
+                raise WorkerLost("socket closed")
+            got += k
+        return buf
+
+    def close(self) -> None:
+        """Close the sockets: each worker exits when it sees its own close."""
+        for fd in self._pidfds:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(fd)
+            os.close(fd)
+        self._pidfds.clear()
+        for s in self._socks:
+            s.close()

@@ -1,0 +1,120 @@
+"""Render worker processes (``--preprocess-mode process``) with the default model's tokenizer
+and processor: a chat rendered by a worker equals the same chat rendered in-process, pixels
+and hashes included; concurrent and cancelled chats never mix up replies; the client's errors
+come back as its ApiError; SIGTERM does not stop a worker; a killed worker fails its request
+with 503, and a dead worker, busy or idle, is reported lost and reaped; closing the sockets
+ends the workers.
+
+The scenario runs in a fresh interpreter: workers are forked before any thread starts, as the
+API server does, which the pytest process (with its thread pools) cannot promise. End to end
+through `fanin serve --preprocess-mode process` and the real engine: tests/integration/
+test_serve_render_workers.py."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+SCRIPT = textwrap.dedent(
+    """
+    import asyncio, os, signal, sys, time
+    from pathlib import Path
+
+    import torch
+
+    from apiserver.config import ServerConfig
+    from apiserver.errors import ApiError
+    from apiserver.media import MediaBytes
+    from apiserver.render_workers import RenderWorkers
+    from apiserver.renderer import Renderer
+    from tests.apiserver.test_renderer_images import CHAT, COFFEE, ROCKET, _ready
+
+    model = Path(sys.argv[1])
+    config = ServerConfig()
+    pair = RenderWorkers.fork(2, config, "test", [])
+    doomed = RenderWorkers.fork(1, config, "doomed", [])
+    media = [MediaBytes(COFFEE), MediaBytes(ROCKET)]
+
+
+    def same(got, want):
+        assert got.token_ids.dtype == want.token_ids.dtype
+        assert (got.token_ids == want.token_ids).all()
+        assert len(got.mm_items) == len(want.mm_items) == 2
+        for g, w in zip(got.mm_items, want.mm_items, strict=True):
+            assert (g.content_hash, g.grid_thw, g.offset, g.length) == (
+                w.content_hash, w.grid_thw, w.offset, w.length)
+            assert g.pixel_values.dtype == w.pixel_values.dtype == torch.uint8
+            assert torch.equal(g.pixel_values, w.pixel_values)
+
+
+    async def main():
+        ready = _ready(model, "uint8")
+        lost = []
+        await pair.start(ready, lost.append)
+        await doomed.start(ready, lost.append)
+        want = Renderer.load(str(model), ready, config, 1).chat_blocking(CHAT, media, True, 16)
+
+        got, waited, took = await pair.chat(CHAT, media, True, 16)
+        same(got, want)
+        assert waited >= 0 and took > 0
+
+        # Six at once over two workers, and one cancelled while a worker renders it.
+        cancelled = asyncio.ensure_future(pair.chat(CHAT, media, True, 16))
+        await asyncio.sleep(0.005)
+        cancelled.cancel()
+        results = await asyncio.gather(*(pair.chat(CHAT, media, True, 16) for _ in range(6)))
+        for got, _, _ in results:
+            same(got, want)
+
+        # The client's error, as the in-process renderer raises it; the worker goes on.
+        try:
+            await pair.chat(CHAT, [MediaBytes(b"not an image"), media[1]], True, 16)
+            raise SystemExit("a broken image rendered")
+        except ApiError as exc:
+            assert exc.status == 400, exc.message
+
+        # systemd's stop signal reaches the workers too: they keep rendering while the
+        # server drains.
+        for pid in pair.pids:
+            os.kill(pid, signal.SIGTERM)
+        same((await pair.chat(CHAT, media, True, 16))[0], want)
+
+        # A killed worker: its request fails with 503 and the loss is reported.
+        os.kill(doomed.pids[0], signal.SIGKILL)
+        try:
+            await doomed.chat(CHAT, media, True, 16)
+            raise SystemExit("a dead worker answered")
+        except ApiError as exc:
+            assert exc.status == 503, exc.message
+        assert len(lost) == 1 and "render worker" in lost[0], lost
+        assert pair._idle.qsize() == 2  # the cancelled chat's worker came back
+
+    asyncio.run(main())
+    try:
+        os.waitpid(doomed.pids[0], os.WNOHANG)
+        raise SystemExit("the killed worker was left a zombie")
+    except ChildProcessError:
+        pass  # reaped by the watcher that reported it
+    pair.close()
+    deadline = time.monotonic() + 20
+    for pid in pair.pids:
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            assert time.monotonic() < deadline, f"worker {pid} outlived its socket"
+            time.sleep(0.02)
+    print("ok")
+    """
+)
+
+
+def test_workers_render_as_in_process_and_fail_cleanly(default_model_dir: Path) -> None:
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(default_model_dir)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-4000:]
