@@ -78,9 +78,14 @@ def test_sigterm_exits_zero(stack_factory: Any) -> None:
     assert stack.stop() == 0
 
 
+#: Engine silence before a frozen engine counts as dead (the default is 5 s): 4 heartbeats
+#: missed, as the hostile tests use; the freeze case waits this long before anything fails.
+HEARTBEAT_TIMEOUT_S = 2.0
+
+
 @pytest.mark.parametrize("how", ["kill", "engine_dead", "freeze"])
 def test_engine_death_fails_inflight_fast(stack_factory: Any, how: str) -> None:
-    stack = stack_factory(step_s=0.05)
+    stack = stack_factory(step_s=0.05, engine_heartbeat_timeout=HEARTBEAT_TIMEOUT_S)
     client = stack.client()
     stream = client.completions.create(stream=True, **LONG)
     next(iter(stream))
