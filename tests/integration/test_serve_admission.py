@@ -18,9 +18,13 @@ pytestmark = pytest.mark.slow
 NAME = "admission"
 #: One sequence at a time in the engine: every other request waits in its queue.
 FLAGS = ("--api-server-count", "2", "--served-model-name", NAME, "--max-num-seqs", "1")
-#: Each request generates this many tokens: long enough that the queue drains slowly (400
-#: took under half a second a request on the CPU machine once torch got faster).
-TOKENS = 2000
+#: Each backlog request runs for about this long, so that the queue drains slowly: two
+#: waiting are ~4 s of work, Retry-After ~3.5 s against the >= 2 asserted. A fixed token
+#: count did not say that on every machine (400 took under half a second once torch got
+#: faster; 2000 took 4 s on the 2-core CI machine, 16 s of backlog to wait out).
+REQUEST_S = 2.0
+#: Tokens of the probe that measures this machine's decode rate.
+PROBE_TOKENS = 200
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +47,22 @@ def _post(fanin: Fanin, max_tokens: int) -> httpx.Response:
         return http.post("/v1/completions", json=body, headers={"connection": "close"})
 
 
+def _backlog_tokens(fanin: Fanin) -> int:
+    """Tokens that take one request about ``REQUEST_S`` here, from a lone probe's rate (a
+    lower bound: the probe's time holds its HTTP round trip and prefill, and longer
+    generations only get slower per token)."""
+    start = time.monotonic()
+    assert _post(fanin, PROBE_TOKENS).status_code == 200
+    per_s = PROBE_TOKENS / (time.monotonic() - start)
+    return max(400, min(8000, round(REQUEST_S * per_s)))
+
+
 def test_a_full_queue_is_refused_by_every_server_with_a_measured_retry_after(
     fanin: Fanin,
 ) -> None:
+    tokens = _backlog_tokens(fanin)
     answers: list[httpx.Response] = []
-    backlog = [threading.Thread(target=lambda: answers.append(_post(fanin, TOKENS)))]
+    backlog = [threading.Thread(target=lambda: answers.append(_post(fanin, tokens)))]
     backlog[0].start()
     refusals: list[httpx.Response] = []
     deadline = time.monotonic() + 90
@@ -56,7 +71,7 @@ def test_a_full_queue_is_refused_by_every_server_with_a_measured_retry_after(
     while time.monotonic() < deadline:
         probe = _post(fanin, 1) if len(backlog) >= 4 else None
         if probe is None:
-            thread = threading.Thread(target=lambda: answers.append(_post(fanin, TOKENS)))
+            thread = threading.Thread(target=lambda: answers.append(_post(fanin, tokens)))
             thread.start()
             backlog.append(thread)
             time.sleep(0.3)
