@@ -13,8 +13,9 @@ a one-thread copy of a process that already imported torch and transformers (the
 preloads them). A worker waits on its end of a socketpair for the engine's ``Ready`` (known
 only once the engine answers), loads the tokenizer and processor, then renders one chat at a
 time. Messages are pickles (protocol 5) with tensors and arrays as out-of-band buffers: a
-photo's patches cross the socket as one kernel copy each way and none in Python. Both ends
-are this server's own processes, so unpickling their messages is safe.
+photo's patches cross the socket as one kernel copy each way and none in Python. The server
+does each exchange on an IO thread of the worker's (blocking reads, the GIL let go in each).
+Both ends are this server's own processes, so unpickling their messages is safe.
 
 A worker ignores SIGINT, SIGTERM and SIGHUP (a terminal's Ctrl-C and systemd's stop signal
 reach the whole process group, and the server keeps rendering while it drains); it exits when
@@ -36,7 +37,8 @@ import socket
 import struct
 import time
 import traceback
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -84,17 +86,6 @@ def _dumps(obj: Any) -> list[bytes | memoryview]:
     return [head, body.getbuffer(), *raws]
 
 
-def _frame() -> Generator[int, bytearray, Any]:
-    """Reads one message: yields how many bytes it needs next, is sent them, returns the
-    message (one parser for the worker's blocking reads and the server's asyncio ones)."""
-    body, count = _HEADER.unpack((yield _HEADER.size))
-    lengths = yield _LENGTH.size * count
-    parts = [(yield body)]
-    for i in range(count):
-        parts.append((yield _LENGTH.unpack_from(lengths, _LENGTH.size * i)[0]))
-    return pickle.loads(parts[0], buffers=parts[1:])
-
-
 class WorkerLost(ConnectionError):
     """A render worker's socket closed: the worker died."""
 
@@ -103,7 +94,7 @@ def _died() -> ApiError:
     return ApiError(503, "a preprocessing worker died; retry", headers={"Retry-After": "1"})
 
 
-# --- the worker's side: blocking ---------------------------------------------------------
+# --- both sides: blocking reads and writes ------------------------------------------------
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytearray:
@@ -118,18 +109,22 @@ def _recv_exact(sock: socket.socket, n: int) -> bytearray:
 
 
 def _recv(sock: socket.socket) -> Any:
-    frame = _frame()
-    try:
-        n = next(frame)
-        while True:
-            n = frame.send(_recv_exact(sock, n))
-    except StopIteration as done:
-        return done.value
+    body, count = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
+    lengths = _recv_exact(sock, _LENGTH.size * count)
+    sizes = [_LENGTH.unpack_from(lengths, _LENGTH.size * i)[0] for i in range(count)]
+    data = _recv_exact(sock, body)
+    return pickle.loads(data, buffers=[_recv_exact(sock, n) for n in sizes])
 
 
 def _send(sock: socket.socket, obj: Any) -> None:
     for part in _dumps(obj):
         sock.sendall(part)
+
+
+def _exchange(sock: socket.socket, message: Any) -> Any:
+    """The server's side of one request to a worker (on its IO thread): send, read the reply."""
+    _send(sock, message)
+    return _recv(sock)
 
 
 def _serve(sock: socket.socket, config: ServerConfig) -> None:
@@ -176,7 +171,7 @@ def _worker_main(sock: socket.socket, config: ServerConfig, parent: int, title: 
     metrics.mark_dead(os.getpid())
 
 
-# --- the server's side: asyncio --------------------------------------------------------
+# --- the server's side ----------------------------------------------------------------------
 
 
 class RenderWorkers:
@@ -190,6 +185,11 @@ class RenderWorkers:
         self._dead = False  # a worker died: the server is on its way out
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pidfds: list[int] = []
+        # One thread a worker does its exchanges: blocking reads and writes, the GIL let go in
+        # each, so a photo's patches (a few MB, ~200 KB a read) cross at the kernel's pace.
+        # On the event loop each read waited for a loop iteration, ~20 of them a photo under
+        # load, and the workers sat idle two thirds of the time (bench/results/overload.md).
+        self._io = ThreadPoolExecutor(len(socks), thread_name_prefix="render-io")
 
     @classmethod
     def fork(
@@ -220,7 +220,6 @@ class RenderWorkers:
                 finally:
                     os._exit(status)
             theirs.close()
-            ours.setblocking(False)
             socks.append(ours)
             pids.append(pid)
         return cls(socks, pids)
@@ -234,8 +233,10 @@ class RenderWorkers:
             fd = os.pidfd_open(pid)
             self._pidfds.append(fd)
             self._loop.add_reader(fd, self._exited, pid)
-        replies = await asyncio.gather(*(self._exchange(s, ("load", ready)) for s in self._socks))
-        for status, detail, _ in replies:
+        loads = [
+            self._loop.run_in_executor(self._io, _exchange, s, ("load", ready)) for s in self._socks
+        ]
+        for status, detail, _ in await asyncio.gather(*loads):
             if status != "ok":
                 raise RuntimeError(f"a render worker could not load the model: {detail[1]}")
         self._idle = asyncio.Queue()
@@ -245,27 +246,32 @@ class RenderWorkers:
     async def chat(self, *args: Any) -> tuple[Any, float, float]:
         """``Renderer.chat_blocking(*args)`` on the first free worker: (its result, seconds
         waited for a worker, seconds it rendered). Its ApiError is raised here."""
-        assert self._idle is not None, "start() first"
+        assert self._idle is not None and self._loop is not None, "start() first"
         if self._dead:
             raise _died()
         asked = time.perf_counter()
         sock = await self._idle.get()
         waited = time.perf_counter() - asked
-        # Shielded: a cancelled request still reads its reply, or the next request would.
-        status, detail, took = await asyncio.shield(self._use(sock, ("chat", args)))
+        done = self._loop.run_in_executor(self._io, _exchange, sock, ("chat", args))
+        # The worker goes back once its reply is read, even for a request cancelled meanwhile
+        # (the next request would read that reply otherwise).
+        done.add_done_callback(lambda f: self._returned(sock, f))
+        try:
+            status, detail, took = await asyncio.shield(done)
+        except (WorkerLost, OSError):
+            raise _died() from None
         if status != "ok":
             raise ApiError(detail[0], detail[1], param=detail[2], code=detail[3], headers=detail[4])
         return detail, waited, took
 
-    async def _use(self, sock: socket.socket, message: Any) -> tuple[str, Any, float]:
-        try:
-            reply: tuple[str, Any, float] = await self._exchange(sock, message)
-        except (WorkerLost, OSError) as exc:
-            self._die(f"a render worker died ({exc})")
-            raise _died() from None
-        assert self._idle is not None
-        self._idle.put_nowait(sock)
-        return reply
+    def _returned(self, sock: socket.socket, done: asyncio.Future[Any]) -> None:
+        if done.cancelled():  # the server is closing its workers
+            return
+        if done.exception() is not None:
+            self._die(f"a render worker died ({done.exception()!r})")
+        else:
+            assert self._idle is not None
+            self._idle.put_nowait(sock)
 
     def _exited(self, pid: int) -> None:
         with contextlib.suppress(ChildProcessError):
@@ -277,29 +283,6 @@ class RenderWorkers:
             self._lost(reason)
         self._dead = True
 
-    async def _exchange(self, sock: socket.socket, message: Any) -> Any:
-        loop = asyncio.get_running_loop()
-        for part in _dumps(message):
-            await loop.sock_sendall(sock, part)
-        frame = _frame()
-        try:
-            n = next(frame)
-            while True:
-                n = frame.send(await self._read(loop, sock, n))
-        except StopIteration as done:
-            return done.value
-
-    @staticmethod
-    async def _read(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytearray:
-        buf = bytearray(n)
-        view, got = memoryview(buf), 0
-        while got < n:
-            k = await loop.sock_recv_into(sock, view[got:])
-            if k == 0:
-                raise WorkerLost("socket closed")
-            got += k
-        return buf
-
     def close(self) -> None:
         """Close the sockets: each worker exits when it sees its own close."""
         for fd in self._pidfds:
@@ -309,3 +292,4 @@ class RenderWorkers:
         self._pidfds.clear()
         for s in self._socks:
             s.close()
+        self._io.shutdown(wait=False, cancel_futures=True)
