@@ -53,6 +53,13 @@ log = logging.getLogger(__name__)
 #: buffer, then the pickle and the buffers.
 _HEADER = struct.Struct("<QI")
 _LENGTH = struct.Struct("<Q")
+#: Render workers run this much nicer than the server: under contention for the cores, the
+#: engine core's step loop and the servers' event loops (latency) go before image processing
+#: (throughput). Safe for processes, unlike render threads, which held the loop's GIL while
+#: descheduled (bench/results/overload.md). On the GPU host at 8 servers, with 16 workers at
+#: nice 0 the engine's first step took 51 ms (29 with render threads) and the sweep did 282
+#: req/s against 391 (bench/results/scaleout.md).
+RENDER_NICE = 5
 _TORCH_DTYPES = {
     name: getattr(torch, name) for name in ("uint8", "int32", "int64", "float32", "bfloat16")
 }
@@ -163,6 +170,7 @@ def _worker_main(sock: socket.socket, config: ServerConfig, parent: int, title: 
         signal.signal(sig, signal.SIG_IGN)
     die_with_parent(parent, signal.SIGKILL)  # SIGTERM is ignored
     name_process(title)
+    os.nice(RENDER_NICE)
     _serve(sock, config)
     # The renderer's module made the server's metrics here too (zeros: a worker observes
     # none; the server does, from its replies); in multiprocess mode, drop this pid's files.

@@ -1,9 +1,9 @@
-"""Render worker processes (``--preprocess-mode process``) with the default model's tokenizer
-and processor: a chat rendered by a worker equals the same chat rendered in-process, pixels
-and hashes included; concurrent and cancelled chats never mix up replies; the client's errors
-come back as its ApiError; SIGTERM does not stop a worker; a killed worker fails its request
-with 503, and a dead worker, busy or idle, is reported lost and reaped; closing the sockets
-ends the workers.
+"""Render worker processes (``--preprocess-mode process``) with the default model's tokenizer and
+processor: a chat rendered by a worker equals the same chat rendered in-process, pixels and
+hashes included; concurrent and cancelled chats never mix up replies; the client's errors come
+back as its ApiError; workers run niced; SIGTERM does not stop a worker; a killed worker fails
+its request with 503, and a dead worker, busy or idle, is reported lost and reaped; closing the
+sockets ends the workers.
 
 The scenario runs in a fresh interpreter: workers are forked before any thread starts, as the
 API server does, which the pytest process (with its thread pools) cannot promise. End to end
@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent(
     from apiserver.config import ServerConfig
     from apiserver.errors import ApiError
     from apiserver.media import MediaBytes
-    from apiserver.render_workers import RenderWorkers
+    from apiserver.render_workers import RENDER_NICE, RenderWorkers
     from apiserver.renderer import Renderer
     from tests.apiserver.test_renderer_images import CHAT, COFFEE, ROCKET, _ready
 
@@ -58,6 +58,9 @@ SCRIPT = textwrap.dedent(
 
         got, waited, took = await pair.chat(CHAT, media, True, 16)
         same(got, want)
+        # Nicer than the server: the engine's and the servers' loops go first.
+        nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + RENDER_NICE)
+        assert [os.getpriority(os.PRIO_PROCESS, p) for p in pair.pids] == [nice, nice]
         assert waited >= 0 and took > 0
 
         # Six at once over two workers, and one cancelled while a worker renders it.
