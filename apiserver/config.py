@@ -40,8 +40,8 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     renderer_num_workers: Annotated[
         Annotated[int, Meta(ge=1, le=64)] | Literal["auto"],
         Meta(
-            description="preprocessing threads per API server; auto: its share of the cores, "
-            "at least 2"
+            description="preprocessing threads per API server (and, in --preprocess-mode "
+            "process, as many worker processes); auto: its share of the cores, at least 2"
         ),
     ] = "auto"
     api_server_threads: Annotated[

@@ -161,7 +161,8 @@ def _serve(sock: socket.socket, config: ServerConfig) -> None:
             reply = ("error", error, time.perf_counter() - started)
         except Exception as exc:  # a bug or a native library's error: this request's 500
             log.exception("render worker: %s failed", op)
-            reply = ("error", (500, f"preprocessing failed: {exc!r}", None, None, {}), 0.0)
+            error = (500, f"preprocessing failed: {exc!r}", None, None, {})
+            reply = ("error", error, time.perf_counter() - started)
         _send(sock, reply)
 
 
