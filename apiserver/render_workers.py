@@ -163,7 +163,10 @@ def _serve(sock: socket.socket, config: ServerConfig) -> None:
             log.exception("render worker: %s failed", op)
             error = (500, f"preprocessing failed: {exc!r}", None, None, {})
             reply = ("error", error, time.perf_counter() - started)
-        _send(sock, reply)
+        try:
+            _send(sock, reply)
+        except OSError:  # the server closed its end mid-render: it is shutting down
+            return
 
 
 def _worker_main(sock: socket.socket, config: ServerConfig, parent: int, title: str) -> None:
@@ -293,12 +296,16 @@ class RenderWorkers:
         self._dead = True
 
     def close(self) -> None:
-        """Close the sockets: each worker exits when it sees its own close."""
+        """Close the sockets: each worker exits when it sees its own close. Shut down first:
+        that also wakes an IO thread blocked on a reply, which close alone would not."""
+        self._dead = True  # what fails from here on is the close, not a worker's death
         for fd in self._pidfds:
             if self._loop is not None and not self._loop.is_closed():
                 self._loop.remove_reader(fd)
             os.close(fd)
         self._pidfds.clear()
         for s in self._socks:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
             s.close()
         self._io.shutdown(wait=False, cancel_futures=True)

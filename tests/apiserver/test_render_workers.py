@@ -3,7 +3,7 @@ processor: a chat rendered by a worker equals the same chat rendered in-process,
 hashes included; concurrent and cancelled chats never mix up replies; the client's errors come
 back as its ApiError; workers run niced; SIGTERM does not stop a worker; a killed worker fails
 its request with 503, and a dead worker, busy or idle, is reported lost and reaped; closing the
-sockets ends the workers.
+sockets ends the workers, a chat in flight included.
 
 The scenario runs in a fresh interpreter: workers are forked before any thread starts, as the
 API server does, which the pytest process (with its thread pools) cannot promise. End to end
@@ -22,6 +22,7 @@ SCRIPT = textwrap.dedent(
     import asyncio, os, signal, sys, time
     from pathlib import Path
 
+    import skimage.data
     import torch
 
     from apiserver.config import ServerConfig
@@ -29,7 +30,7 @@ SCRIPT = textwrap.dedent(
     from apiserver.media import MediaBytes
     from apiserver.render_workers import RENDER_NICE, RenderWorkers
     from apiserver.renderer import Renderer
-    from tests.apiserver.test_renderer_images import CHAT, COFFEE, ROCKET, _ready
+    from tests.apiserver.test_renderer_images import CHAT, COFFEE, ROCKET, _jpeg, _ready
 
     model = Path(sys.argv[1])
     config = ServerConfig()
@@ -103,8 +104,20 @@ SCRIPT = textwrap.dedent(
             raise SystemExit("the killed worker was left a zombie")
         assert len(lost) == 1, lost  # reported once
 
+        # Closing with a chat in flight (the server's shutdown): the chat fails at once, no
+        # IO thread stays blocked on its reply, and no loss is reported.
+        big = MediaBytes(_jpeg(skimage.data.astronaut(), (2048, 2048)))  # ~100 ms or more
+        inflight = asyncio.ensure_future(pair.chat(CHAT, [big, big], True, 16))
+        await asyncio.sleep(0.02)
+        pair.close()
+        try:
+            await asyncio.wait_for(inflight, 10)
+            raise SystemExit("a chat outlived the close")
+        except ApiError as exc:
+            assert exc.status == 503, exc.message
+        assert len(lost) == 1, lost
+
     asyncio.run(main())
-    pair.close()
     deadline = time.monotonic() + 20
     for pid in pair.pids:
         while os.waitpid(pid, os.WNOHANG) == (0, 0):
