@@ -4,8 +4,8 @@ so that the API server's event loop never waits for a render thread to let go of
 
 Why: the image processor runs Python between its native ops, and a render thread in the
 server's process holds the GIL meanwhile, so every event-loop callback (accept, read, write)
-can wait behind one. At 2x overload with 4 servers and render threads, /health p99 was
-19.5-43 ms against the 5 ms goal (bench/results/overload.md).
+can wait behind one. On the GPU host at 2x overload with 4 servers, /health p99 was 76-120 ms
+with render threads and 7.5-17.3 ms with render workers (bench/results/overload.md).
 
 How: ``RenderWorkers.fork`` runs in the API server's ``main`` before the server starts any
 thread (a child forked while other threads hold locks can deadlock on them), so each worker is
@@ -196,7 +196,7 @@ class RenderWorkers:
         self._lost: Callable[[str], None] | None = None
         self._dead = False  # a worker died: the server is on its way out
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pidfds: list[int] = []
+        self._pidfds: dict[int, int] = {}  # worker pid -> its pidfd, readable once it exits
         # One thread a worker does its exchanges: blocking reads and writes, the GIL let go in
         # each, so a photo's patches (a few MB, ~200 KB a read) cross at the kernel's pace.
         # On the event loop each read waited for a loop iteration, ~20 of them a photo under
@@ -242,8 +242,7 @@ class RenderWorkers:
         self._lost = on_lost
         self._loop = asyncio.get_running_loop()
         for pid in self.pids:  # an idle worker's death is noticed too, not only a busy one's
-            fd = os.pidfd_open(pid)
-            self._pidfds.append(fd)
+            self._pidfds[pid] = fd = os.pidfd_open(pid)
             self._loop.add_reader(fd, self._exited, pid)
         loads = [
             self._loop.run_in_executor(self._io, _exchange, s, ("load", ready)) for s in self._socks
@@ -286,9 +285,16 @@ class RenderWorkers:
             self._idle.put_nowait(sock)
 
     def _exited(self, pid: int) -> None:
+        self._unwatch(pid)  # a pidfd stays readable: left watched, it would spin the loop
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)  # reap it
         self._die(f"render worker {pid} exited")
+
+    def _unwatch(self, pid: int) -> None:
+        fd = self._pidfds.pop(pid)
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(fd)
+        os.close(fd)
 
     def _die(self, reason: str) -> None:
         if not self._dead and self._lost is not None:
@@ -299,11 +305,8 @@ class RenderWorkers:
         """Close the sockets: each worker exits when it sees its own close. Shut down first:
         that also wakes an IO thread blocked on a reply, which close alone would not."""
         self._dead = True  # what fails from here on is the close, not a worker's death
-        for fd in self._pidfds:
-            if self._loop is not None and not self._loop.is_closed():
-                self._loop.remove_reader(fd)
-            os.close(fd)
-        self._pidfds.clear()
+        for pid in list(self._pidfds):
+            self._unwatch(pid)
         for s in self._socks:
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)

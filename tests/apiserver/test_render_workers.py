@@ -103,6 +103,7 @@ SCRIPT = textwrap.dedent(
         else:
             raise SystemExit("the killed worker was left a zombie")
         assert len(lost) == 1, lost  # reported once
+        assert not doomed._pidfds  # unwatched: an exited pid's pidfd stays readable
 
         # Closing with a chat in flight (the server's shutdown): the chat fails at once, no
         # IO thread stays blocked on its reply, and no loss is reported.
