@@ -1,9 +1,9 @@
 """Render worker processes (``--preprocess-mode process``) with the default model's tokenizer and
-processor: a chat rendered by a worker equals the same chat rendered in-process, pixels and
-hashes included; concurrent and cancelled chats never mix up replies; the client's errors come
-back as its ApiError; workers run niced; SIGTERM does not stop a worker; a killed worker fails
-its request with 503, and a dead worker, busy or idle, is reported lost and reaped; closing the
-sockets ends the workers, a chat in flight included.
+processor: a chat rendered by a worker equals the same chat rendered in-process, pixels (uint8
+and bfloat16) and hashes included; concurrent and cancelled chats never mix up replies; the
+client's errors come back as its ApiError; workers run niced; SIGTERM does not stop a worker; a
+killed worker fails its request with 503, and a dead worker, busy or idle, is reported lost and
+reaped; closing the sockets ends the workers, a chat in flight included.
 
 The scenario runs in a fresh interpreter: workers are forked before any thread starts, as the
 API server does, which the pytest process (with its thread pools) cannot promise. End to end
@@ -36,17 +36,18 @@ SCRIPT = textwrap.dedent(
     config = ServerConfig()
     pair = RenderWorkers.fork(2, config, "test", [])
     doomed = RenderWorkers.fork(1, config, "doomed", [])
+    floats = RenderWorkers.fork(1, config, "floats", [])
     media = [MediaBytes(COFFEE), MediaBytes(ROCKET)]
 
 
-    def same(got, want):
+    def same(got, want, dtype=torch.uint8):
         assert got.token_ids.dtype == want.token_ids.dtype
         assert (got.token_ids == want.token_ids).all()
         assert len(got.mm_items) == len(want.mm_items) == 2
         for g, w in zip(got.mm_items, want.mm_items, strict=True):
             assert (g.content_hash, g.grid_thw, g.offset, g.length) == (
                 w.content_hash, w.grid_thw, w.offset, w.length)
-            assert g.pixel_values.dtype == w.pixel_values.dtype == torch.uint8
+            assert g.pixel_values.dtype == w.pixel_values.dtype == dtype
             assert torch.equal(g.pixel_values, w.pixel_values)
 
 
@@ -59,6 +60,12 @@ SCRIPT = textwrap.dedent(
 
         got, waited, took = await pair.chat(CHAT, media, True, 16)
         same(got, want)
+        # bfloat16 pixels (no numpy dtype) cross as raw bytes too.
+        ready16 = _ready(model, "bfloat16")
+        await floats.start(ready16, lost.append)
+        want16 = Renderer.load(str(model), ready16, config, 1).chat_blocking(CHAT, media, True, 16)
+        same((await floats.chat(CHAT, media, True, 16))[0], want16, torch.bfloat16)
+        floats.close()
         # Nicer than the server: the engine's and the servers' loops go first.
         nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + RENDER_NICE)
         assert [os.getpriority(os.PRIO_PROCESS, p) for p in pair.pids] == [nice, nice]
