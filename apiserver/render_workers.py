@@ -45,6 +45,7 @@ import torch
 
 from apiserver.config import ServerConfig
 from apiserver.errors import ApiError
+from ipc import codec
 from ipc.lifecycle import die_with_parent, name_process
 
 log = logging.getLogger(__name__)
@@ -60,28 +61,17 @@ _LENGTH = struct.Struct("<Q")
 #: nice 0 the engine's first step took 51 ms (29 with render threads) and the sweep did 282
 #: req/s against 391 (bench/results/scaleout.md).
 RENDER_NICE = 5
-_TORCH_DTYPES = {
-    name: getattr(torch, name) for name in ("uint8", "int32", "int64", "float32", "bfloat16")
-}
 
 
 class _Pickler(pickle.Pickler):
-    """Tensors as (dtype, shape, raw bytes out of band): torch's own reduction copies them."""
+    """Tensors as the engine wire's (dtype, shape, raw bytes), the bytes out of band: torch's
+    own reduction copies them."""
 
     def reducer_override(self, obj: Any) -> Any:
         if not isinstance(obj, torch.Tensor):
             return NotImplemented
-        t = obj.detach().contiguous()
-        raw = t.reshape(-1).view(torch.uint8).numpy().data
-        dtype = str(t.dtype).removeprefix("torch.")
-        return _tensor, (dtype, tuple(t.shape), pickle.PickleBuffer(raw))
-
-
-def _tensor(dtype: str, shape: tuple[int, ...], buf: Any) -> torch.Tensor:
-    data = memoryview(buf)
-    if data.nbytes == 0:  # torch.frombuffer refuses empty buffers
-        return torch.empty(shape, dtype=_TORCH_DTYPES[dtype])
-    return torch.frombuffer(data, dtype=torch.uint8).view(_TORCH_DTYPES[dtype]).reshape(shape)
+        name, shape, raw = codec.tensor_bytes(obj)
+        return codec.tensor_from_bytes, (name, shape, pickle.PickleBuffer(raw))
 
 
 def _dumps(obj: Any) -> list[bytes | memoryview]:

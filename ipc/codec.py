@@ -94,7 +94,7 @@ class Encoder:
 
     def _enc_hook(self, obj: Any) -> msgspec.msgpack.Ext:
         if isinstance(obj, torch.Tensor):
-            name, shape, raw = _tensor_bytes(obj)
+            name, shape, raw = tensor_bytes(obj)
         elif isinstance(obj, np.ndarray):
             name, shape, raw = _ndarray_bytes(obj)
         else:
@@ -108,7 +108,9 @@ class Encoder:
         return msgspec.msgpack.Ext(_ARRAY_EXT, self._payload.encode((name, shape, data)))
 
 
-def _tensor_bytes(t: torch.Tensor) -> tuple[str, tuple[int, ...], memoryview]:
+def tensor_bytes(t: torch.Tensor) -> tuple[str, tuple[int, ...], memoryview]:
+    """(dtype name, shape, raw bytes) of a tensor of a wire dtype; ``tensor_from_bytes``
+    undoes it. TypeError for a dtype off the allowlist."""
     name = _TORCH_NAMES.get(t.dtype)
     if name is None:
         raise TypeError(f"tensor dtype {t.dtype} cannot travel on the wire")
@@ -218,6 +220,11 @@ def _dec_hook(typ: type, obj: Any) -> Any:
     if isinstance(obj, typ):
         return obj
     raise DecodeError(f"expected an array, got {type(obj).__name__}")
+
+
+def tensor_from_bytes(name: str, shape: tuple[int, ...], buf: bytearray) -> torch.Tensor:
+    """The tensor ``tensor_bytes`` described, as a view of ``buf``."""
+    return _frombuffer(buf, _DTYPES[name][0]).reshape(shape)
 
 
 def _frombuffer(buf: bytearray | memoryview, dtype: torch.dtype) -> torch.Tensor:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 SCRIPT = textwrap.dedent(
     """
-    import asyncio, os, signal, sys, time
+    import asyncio, os, signal, socket, sys, time
     from pathlib import Path
 
     import skimage.data
@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent(
     from apiserver.config import ServerConfig
     from apiserver.errors import ApiError
     from apiserver.media import MediaBytes
-    from apiserver.render_workers import RENDER_NICE, RenderWorkers
+    from apiserver.render_workers import RENDER_NICE, RenderWorkers, _recv, _send
     from apiserver.renderer import Renderer
     from tests.apiserver.test_renderer_images import CHAT, COFFEE, ROCKET, _jpeg, _ready
 
@@ -50,6 +50,15 @@ SCRIPT = textwrap.dedent(
             assert g.pixel_values.dtype == w.pixel_values.dtype == dtype
             assert torch.equal(g.pixel_values, w.pixel_values)
 
+
+    # Every dtype the engine's wire takes crosses, float16 and empty tensors included.
+    a, b = socket.socketpair()
+    sent = [torch.arange(6, dtype=d).reshape(2, 3) for d in (torch.float16, torch.int64)]
+    sent.append(torch.empty(0, 4, dtype=torch.bfloat16))
+    _send(a, sent)
+    for got, want in zip(_recv(b), sent, strict=True):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    a.close(), b.close()
 
     async def main():
         ready = _ready(model, "uint8")
