@@ -149,7 +149,7 @@ def _combine_kernel(
 def num_splits(batch: int, num_kv_heads: int, max_len: int, num_sms: int) -> int:
     """Splits of each context so that the batch's programs number about one per SM, none shorter
     than a block of ``max_len``. One program an SM reads as fast as several (H200, batch 64 of
-    the 2B model at 1k context: 26.1 us a layer at 1 split, 25.5 at 3 and 25.2 at 6, each with
+    the 2B model at 1k context: 26.1 us a layer at 1 split, 25.5 at 3 and 27.4 at 6, each with
     a combine launch), and a single split needs no combine at all; at batch 1 splits as short
     as 64 rows pay (6.0 us at 16 splits, 8.3 at 4: bench/results/engine.md)."""
     wanted = round(num_sms / (batch * num_kv_heads))
