@@ -103,10 +103,11 @@ class Renderer:
         num_workers: int,
         workers: RenderWorkers | None = None,
     ) -> Renderer:
-        """Load the model's tokenizer (and processor when it takes images), for a pool of
-        ``num_workers`` render threads (and ``workers``, started). Blocking."""
+        """Load the model's tokenizer (and processor when it takes images and no ``workers``,
+        started, render them), for a pool of ``num_workers`` render threads. Blocking."""
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        processor = AutoProcessor.from_pretrained(model_dir) if ready.supports_images else None
+        renders_images = ready.supports_images and workers is None
+        processor = AutoProcessor.from_pretrained(model_dir) if renders_images else None
         return cls(tokenizer, processor, ready, config, num_workers, workers)
 
     def close(self) -> None:
@@ -172,7 +173,7 @@ class Renderer:
                 f"{self._config.max_images_per_request}",
                 param="messages",
             )
-        if urls and self._processor is None:
+        if urls and self._processor is None and self._workers is None:
             raise ApiError(400, "this model does not accept images", param="messages")
         media = await asyncio.gather(*(fetcher.fetch(u) for u in urls))
         args = (conversation, media, add_generation_prompt, reserved_tokens)
