@@ -54,13 +54,26 @@ log = logging.getLogger(__name__)
 #: buffer, then the pickle and the buffers.
 _HEADER = struct.Struct("<QI")
 _LENGTH = struct.Struct("<Q")
-#: Render workers run this much nicer than the server: under contention for the cores, the
+#: Render workers yield the cores to everything else of the host: under contention, the
 #: engine core's step loop and the servers' event loops (latency) go before image processing
-#: (throughput). Safe for processes, unlike render threads, which held the loop's GIL while
-#: descheduled (bench/results/overload.md). On the GPU host at 8 servers, with 16 workers at
-#: nice 0 the engine's first step took 51 ms (29 with render threads) and the sweep did 282
-#: req/s against 391 (bench/results/scaleout.md).
+#: (throughput). On Linux they run under SCHED_IDLE, which a waking task of any other policy
+#: preempts at once; at a nice level (niced +5, a weight a third of nice 0's) the scheduler
+#: may first let the running worker finish its slice, milliseconds of every /health probe's
+#: wait on a saturated host. Elsewhere they run this much nicer than the server. Safe for
+#: processes, unlike render threads, which held the loop's GIL while descheduled
+#: (bench/results/overload.md). On the GPU host at 8 servers, with 16 workers at nice 0 the
+#: engine's first step took 51 ms (29 with render threads) and the sweep did 282 req/s
+#: against 391 (bench/results/scaleout.md).
 RENDER_NICE = 5
+
+
+def yield_cores() -> None:
+    """Put this process (single-threaded yet: threads started later inherit it) below every
+    other of the host in the scheduler's order."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):  # not Linux, or a sandbox that forbids it
+        os.nice(RENDER_NICE)
 
 
 class _Pickler(pickle.Pickler):
@@ -164,7 +177,7 @@ def _worker_main(sock: socket.socket, config: ServerConfig, parent: int, title: 
         signal.signal(sig, signal.SIG_IGN)
     die_with_parent(parent, signal.SIGKILL)  # SIGTERM is ignored
     name_process(title)
-    os.nice(RENDER_NICE)
+    yield_cores()
     _serve(sock, config)
     # The renderer's module made the server's metrics here too (zeros: a worker observes
     # none; the server does, from its replies); in multiprocess mode, drop this pid's files.

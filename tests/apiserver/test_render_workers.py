@@ -1,9 +1,9 @@
 """Render worker processes (``--preprocess-mode process``) with the default model's tokenizer and
 processor: a chat rendered by a worker equals the same chat rendered in-process, pixels (uint8
 and bfloat16) and hashes included; concurrent and cancelled chats never mix up replies; the
-client's errors come back as its ApiError; workers run niced; SIGTERM does not stop a worker; a
-killed worker fails its request with 503, and a dead worker, busy or idle, is reported lost and
-reaped; closing the sockets ends the workers, a chat in flight included.
+client's errors come back as its ApiError; workers run under SCHED_IDLE; SIGTERM does not stop
+a worker; a killed worker fails its request with 503, and a dead worker, busy or idle, is
+reported lost and reaped; closing the sockets ends the workers, a chat in flight included.
 
 The scenario runs in a fresh interpreter: workers are forked before any thread starts, as the
 API server does, which the pytest process (with its thread pools) cannot promise. End to end
@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent(
     from apiserver.config import ServerConfig
     from apiserver.errors import ApiError
     from apiserver.media import MediaBytes
-    from apiserver.render_workers import RENDER_NICE, RenderWorkers, _recv, _send
+    from apiserver.render_workers import RenderWorkers, _recv, _send
     from apiserver.renderer import Renderer
     from tests.apiserver.test_renderer_images import CHAT, COFFEE, ROCKET, _jpeg, _ready
 
@@ -75,9 +75,10 @@ SCRIPT = textwrap.dedent(
         want16 = Renderer.load(str(model), ready16, config, 1).chat_blocking(CHAT, media, True, 16)
         same((await floats.chat(CHAT, media, True, 16))[0], want16, torch.bfloat16)
         floats.close()
-        # Nicer than the server: the engine's and the servers' loops go first.
-        nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + RENDER_NICE)
-        assert [os.getpriority(os.PRIO_PROCESS, p) for p in pair.pids] == [nice, nice]
+        # Below the server in the scheduler's order: the engine's and the servers' loops go
+        # first (SCHED_IDLE on Linux, where these tests run).
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER
+        assert [os.sched_getscheduler(p) for p in pair.pids] == [os.SCHED_IDLE] * 2
         assert waited >= 0 and took > 0
 
         # Six at once over two workers, and one cancelled while a worker renders it.
