@@ -140,13 +140,14 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     preprocess_mode: Annotated[
         Literal["pool", "process", "inline"],
         Meta(
-            description="'pool': preprocessing on the render thread pool; 'process': chats "
-            "with images on --renderer-num-workers worker processes per API server (the rest "
-            "on the pool), so that the event loop never waits for a render's GIL; 'inline': "
-            "on the event loop, which it blocks (the old one-process behaviour; for benchmark "
-            "baselines only, never for serving)"
+            description="'process': chats with images on --renderer-num-workers worker "
+            "processes per API server, below every other process in the scheduler's order "
+            "(text-only chats on the render thread pool), so that the event loop never waits "
+            "for a render's GIL; 'pool': all preprocessing on the render thread pool; "
+            "'inline': on the event loop, which it blocks (the old one-process behaviour; for "
+            "benchmark baselines only, never for serving)"
         ),
-    ] = "pool"
+    ] = "process"
     # Hostile clients and stalled peers: every read bounded in bytes and time.
     max_header_bytes: Annotated[
         int, Meta(ge=1024, description="largest request line plus headers (431 above)")

@@ -161,8 +161,8 @@ class SweepConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
         list[str] | None,
         Meta(
             description="[inline:|pool:|process:]NxW each: --api-server-count N, "
-            "--renderer-num-workers W, --preprocess-mode (default pool), e.g. 'inline:1x1 "
-            "pool:1x4 4x2 process:4x2'"
+            "--renderer-num-workers W, --preprocess-mode (none given: fanin's default), "
+            "e.g. 'inline:1x1 pool:1x4 4x2 process:4x2'"
         ),
     ] = None
     preset: Annotated[

@@ -1,7 +1,8 @@
 """A sweep's server configurations: the ``[inline:|pool:|process:]NxW`` grammar, the ``frontend``
 preset and ``--env`` items, each turned into the ``fanin serve`` flags and environment they
 mean. Both counts are always passed; ``auto`` for either is fanin's default (its CPU budget
-picks it), which is how "default flags" configurations are written (``8xauto``)."""
+picks it), and so is a mode left out (no ``--preprocess-mode``), which is how "default flags"
+configurations are written (``8xauto``)."""
 
 from __future__ import annotations
 
@@ -18,24 +19,26 @@ _SPEC = re.compile(r"^(?:(inline|pool|process):)?(\d{1,3}|auto)x(\d{1,3}|auto)$"
 class ServerSpec:
     """One server configuration of a sweep."""
 
-    mode: str
+    mode: str | None  # None: fanin's default (no flag passed)
     servers: int | str  # a count, or "auto"
     workers: int | str
 
     @property
     def label(self) -> str:
-        return f"{self.mode} {self.servers}x{self.workers}"
+        counts = f"{self.servers}x{self.workers}"
+        return counts if self.mode is None else f"{self.mode} {counts}"
 
     @property
     def slug(self) -> str:
-        return f"{self.mode}-{self.servers}x{self.workers}"
+        counts = f"{self.servers}x{self.workers}"
+        return counts if self.mode is None else f"{self.mode}-{counts}"
 
     def flags(self) -> list[str]:
-        return [
+        counts = [
             "--api-server-count", str(self.servers),
             "--renderer-num-workers", str(self.workers),
-            "--preprocess-mode", self.mode,
         ]  # fmt: skip
+        return counts if self.mode is None else [*counts, "--preprocess-mode", self.mode]
 
 
 def parse_spec(text: str) -> ServerSpec:
@@ -47,7 +50,7 @@ def parse_spec(text: str) -> ServerSpec:
         raise ValueError(
             f"--configs: {text!r} is not [inline:|pool:|process:]NxW (e.g. pool:4x2, 8xauto)"
         )
-    return ServerSpec(match.group(1) or "pool", counts[0], counts[1])
+    return ServerSpec(match.group(1), counts[0], counts[1])
 
 
 def frontend_preset(cores: int) -> list[ServerSpec]:

@@ -24,15 +24,18 @@ from bench.sweep import strict_problems
 
 def test_config_grammar() -> None:
     assert parse_spec("inline:1x1") == ServerSpec("inline", 1, 1)
-    assert parse_spec("4x2") == ServerSpec("pool", 4, 2)
+    assert parse_spec("4x2") == ServerSpec(None, 4, 2)  # fanin's default mode: no flag
+    assert parse_spec("4x2").flags() == ["--api-server-count", "4", "--renderer-num-workers", "2"]
     assert parse_spec(" pool:16x1 ").flags() == [
         "--api-server-count", "16", "--renderer-num-workers", "1", "--preprocess-mode", "pool",
     ]  # fmt: skip
     # "auto": fanin's own default for that count (its CPU budget), passed through as such.
-    assert parse_spec("8xauto").flags() == [
-        "--api-server-count", "8", "--renderer-num-workers", "auto", "--preprocess-mode", "pool",
+    assert parse_spec("process:8xauto").flags() == [
+        "--api-server-count", "8", "--renderer-num-workers", "auto", "--preprocess-mode",
+        "process",
     ]  # fmt: skip
-    assert parse_spec("autoxauto").label == "pool autoxauto"
+    assert parse_spec("autoxauto").label == "autoxauto"
+    assert parse_spec("pool:autoxauto").label == "pool autoxauto"
     for bad in ("4", "x2", "threads:1x1", "0x1", "1x0", "4x2x1", "1 x 2", "8xAUTO", "axb"):
         with pytest.raises(ValueError):
             parse_spec(bad)
@@ -58,11 +61,11 @@ def test_configurations_past_the_time_budget_are_skipped_not_started(tmp_path: P
     assert done.returncode == 1  # nothing ran
     doc = json.loads((out / "sweep.json").read_text())
     assert [(e["label"], e["status"]) for e in doc["entries"]] == [
-        ("pool 1x1", "skipped"),
-        ("pool 2x1", "skipped"),
+        ("1x1", "skipped"),
+        ("2x1", "skipped"),
     ]
     assert all("pid" not in e for e in doc["entries"])
-    assert "- pool 2x1: skipped: --time-budget" in (out / "sweep.md").read_text()
+    assert "- 2x1: skipped: --time-budget" in (out / "sweep.md").read_text()
 
 
 @pytest.mark.slow
@@ -122,7 +125,7 @@ def test_sigterm_stops_the_sweep_and_its_server(default_model_dir: Path, tmp_pat
         )  # fmt: skip
     descendants: list[int] = []
     try:
-        log = out / "serve-pool-1x1.log"
+        log = out / "serve-1x1.log"
         deadline = time.monotonic() + 240
         while "ready:" not in (log.read_text() if log.exists() else ""):
             assert sweep.poll() is None and time.monotonic() < deadline, sweep.returncode
@@ -166,7 +169,7 @@ def test_overload_runs_pace_arrivals_at_multiples_of_the_saturating_rate(
     assert done.returncode == 0, done.stderr
     closed, half, double = json.loads((out / "sweep.json").read_text())["entries"]
     assert [e["label"] for e in (closed, half, double)] == [
-        "pool 1x1 closed loop", "pool 1x1 at 0.5x", "pool 1x1 at 2x",
+        "1x1 closed loop", "1x1 at 0.5x", "1x1 at 2x",
     ]  # fmt: skip
     assert closed["pid"] == half["pid"] == double["pid"]  # one server for the three runs
     saturation = closed["metrics"]["window_request_throughput"]
@@ -176,7 +179,7 @@ def test_overload_runs_pace_arrivals_at_multiples_of_the_saturating_rate(
     assert half["config"]["max_concurrency"] is None  # open loop: arrivals, not clients
     markdown = (out / "sweep.md").read_text()
     assert "| config | offered req/s | completed req/s | 429 (%) | client timeouts |" in markdown
-    assert "| pool 1x1 at 2x |" in markdown
+    assert "| 1x1 at 2x |" in markdown
 
 
 def test_a_run_during_which_an_api_server_died_fails_a_strict_sweep() -> None:
