@@ -149,7 +149,9 @@ profile)
     if [[ -s $out/stacks.raw ]]; then
         $py -m bench.stacks "$out/stacks.raw" --match engine_core --within EngineCore.run \
             --top 40 >"$out/engine_stacks.txt"
-        $py -m bench.stacks "$out/stacks.raw" --match apiserver.server --top 25 \
+        # The API servers are forked from the launcher: py-spy names them by its title
+        # (each server's threads apart by thread id).
+        $py -m bench.stacks "$out/stacks.raw" --match fanin-launcher --top 25 \
             >"$out/api_stacks.txt"
         head -n 60 "$out/engine_stacks.txt"
         gzip -f "$out/stacks.raw"
