@@ -3,7 +3,7 @@ work done by hand (base64 decode + PIL decode + the model's HF image processor),
 one run on the same photos.
 
     python -m bench.frontend_cpu OUT_DIR [--model DIR] [--rounds 5] [--batch 12]
-        [--sizes 1024x768 1920x1080] [--transfers uint8 normalized]
+        [--sizes 1024x768 1920x1080] [--transfers uint8 normalized] [--modes process pool]
 
 raw: in this process, one thread (torch on one thread too, as a budgeted API server gives each
 render worker), per photo: ``base64.b64decode`` of the data URL's text, ``Image.open`` +
@@ -11,12 +11,13 @@ render worker), per photo: ``base64.b64decode`` of the data URL's text, ``Image.
 CPU time (``time.thread_time``) per photo, and each step apart.
 
 served: one ``fanin serve MODEL --api-server-count 1 --renderer-num-workers 1
---api-server-threads 1 --pixel-transfer T`` on loopback per transfer T, all running at once;
-one client sends the photos one after the other as chat requests (a data URL each,
-max_tokens 1). The API server process's CPU time (all its threads, from
-/proc/PID/task/*/schedstat) over those requests, less what it burns idle over the same wall
-time, divided by the requests: HTTP, JSON, template, tokenizer, image decode, processor,
-content hash, wire, response. ``normalized`` is the float path, for comparison.
+--api-server-threads 1 --pixel-transfer T --preprocess-mode M`` on loopback per transfer T and
+mode M, all running at once; one client sends the photos one after the other as chat requests (a
+data URL each, max_tokens 1). The CPU time of the API server process and of its render worker
+processes (all their threads, from /proc/PID/task/*/schedstat) over those requests, less what it
+burns idle over the same wall time, divided by the requests: HTTP, JSON, template, tokenizer,
+image decode, processor, content hash, wire, response. ``normalized`` is the float path, for
+comparison.
 
 Measurements go in rounds (raw, then each server, on the same ``--batch`` photos), so that a
 noisy neighbour hits all of them alike; the table gives medians over rounds. Every photo is
@@ -102,18 +103,21 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _cpu_seconds(pid: int) -> float:
-    """CPU time of every thread of ``pid``, in ns resolution (schedstat's first field)."""
+def _cpu_seconds(pids: list[int]) -> float:
+    """CPU time of every thread of ``pids``, in ns resolution (schedstat's first field)."""
     total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
-        except (OSError, IndexError, ValueError):  # a thread that just ended
-            continue
+    for pid in pids:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+            except (OSError, IndexError, ValueError):  # a thread that just ended
+                continue
     return total / 1e9
 
 
-def _api_server_pid(launcher: int) -> int:
+def _children(parent: int) -> list[tuple[int, bytes]]:
+    """(pid, command line) of each live child of ``parent``."""
+    found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -122,23 +126,31 @@ def _api_server_pid(launcher: int) -> int:
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
         except OSError:
             continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == launcher and (
-            b"fanin-api-server" in cmdline or b"apiserver.server" in cmdline
-        ):
-            return int(entry)
+        if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+            found.append((int(entry), cmdline))
+    return found
+
+
+def _frontend_pids(launcher: int) -> list[int]:
+    """The API server under ``launcher`` and its render worker processes (in the default
+    ``--preprocess-mode process`` the image work is theirs)."""
+    for pid, cmdline in _children(launcher):
+        if b"fanin-api-server" in cmdline or b"apiserver.server" in cmdline:
+            return [pid] + [child for child, _ in _children(pid)]
     raise RuntimeError("no API server process under the launcher")
 
 
 class Served:
     """One `fanin serve` with one API server, started at once, ready after ``wait``."""
 
-    def __init__(self, model: Path, transfer: str, log: Path, gpu_share: float) -> None:
-        self.transfer = transfer
+    def __init__(self, model: Path, transfer: str, mode: str, log: Path, gpu_share: float) -> None:
+        self.transfer, self.mode = transfer, mode
         self.port = _free_port()
         argv = [sys.executable, "-m", "apiserver.launch.cli", "serve", str(model)]
         argv += ["--host", "127.0.0.1", "--port", str(self.port), "--api-server-count", "1"]
         argv += ["--renderer-num-workers", "1", "--api-server-threads", "1"]
-        argv += ["--pixel-transfer", transfer, "--served-model-name", "bench"]
+        argv += ["--pixel-transfer", transfer, "--preprocess-mode", mode]
+        argv += ["--served-model-name", "bench"]
         argv += ["--gpu-memory-utilization", f"{gpu_share:.2f}"]
         with log.open("wb") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
@@ -158,12 +170,12 @@ class Served:
             if time.monotonic() > deadline:
                 raise TimeoutError("fanin serve not ready")
             time.sleep(0.25)
-        self.server_pid = _api_server_pid(self.proc.pid)
+        self.frontend = _frontend_pids(self.proc.pid)
 
     def measure_idle(self) -> None:
-        start = _cpu_seconds(self.server_pid)
+        start = _cpu_seconds(self.frontend)
         time.sleep(IDLE_S)
-        self.idle_rate = (_cpu_seconds(self.server_pid) - start) / IDLE_S
+        self.idle_rate = (_cpu_seconds(self.frontend) - start) / IDLE_S
 
     def post(self, jpeg: bytes) -> None:
         url = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
@@ -180,11 +192,11 @@ class Served:
 
     def cost(self, jpegs: list[bytes]) -> dict[str, float]:
         """Milliseconds of the API server's CPU, and of wall time, per image request."""
-        cpu0, wall0 = _cpu_seconds(self.server_pid), time.perf_counter()
+        cpu0, wall0 = _cpu_seconds(self.frontend), time.perf_counter()
         for jpeg in jpegs:
             self.post(jpeg)
         wall = time.perf_counter() - wall0
-        cpu = _cpu_seconds(self.server_pid) - cpu0 - self.idle_rate * wall
+        cpu = _cpu_seconds(self.frontend) - cpu0 - self.idle_rate * wall
         return {"served_ms": cpu * 1000 / len(jpegs), "wall_ms": wall * 1000 / len(jpegs)}
 
     def stop(self) -> None:
@@ -205,6 +217,7 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=12, help="photos per size and round")
     p.add_argument("--sizes", nargs="+", default=["1024x768", "1920x1080"])
     p.add_argument("--transfers", nargs="+", default=["uint8", "normalized"])
+    p.add_argument("--modes", nargs="+", default=["process", "pool"], help="--preprocess-mode")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     # A `timeout` around this script must still stop the servers it started (``finally``).
@@ -224,13 +237,13 @@ def run(model: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     sizes = [tuple(int(v) for v in size.split("x")) for size in args.sizes]
     per_size = WARMUP + args.rounds * args.batch
     images = {size: photos(*size, per_size, seed=i) for i, size in enumerate(sizes)}
+    kinds = [(t, m) for t in args.transfers for m in args.modes]
     servers = [
-        Served(model, t, args.out / f"serve_{t}.log", 0.8 / len(args.transfers))
-        for t in args.transfers
+        Served(model, t, m, args.out / f"serve_{t}_{m}.log", 0.8 / len(kinds)) for t, m in kinds
     ]
     raw: dict[Any, list[dict[str, float]]] = {size: [] for size in sizes}
     served: dict[Any, list[dict[str, float]]] = {
-        (s.transfer, z): [] for s in servers for z in sizes
+        (s.transfer, s.mode, z): [] for s in servers for z in sizes
     }
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -248,15 +261,16 @@ def run(model: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
                 batch = images[size][WARMUP + r * args.batch : WARMUP + (r + 1) * args.batch]
                 raw[size].append(raw_costs(processor, batch))
                 for server in servers:
-                    served[server.transfer, size].append(server.cost(batch))
+                    served[server.transfer, server.mode, size].append(server.cost(batch))
     finally:
         for server in servers:
             server.stop()
     rows = []
-    for (transfer, size), costs in served.items():
+    for (transfer, mode, size), costs in served.items():
         row = {
             "size": f"{size[0]}x{size[1]}",
             "transfer": transfer,
+            "mode": mode,
             "jpeg_kb": sum(map(len, images[size])) / len(images[size]) / 1024,
             **_medians(raw[size]),
             **_medians(costs),
@@ -275,14 +289,15 @@ def _medians(rounds: list[dict[str, float]]) -> dict[str, float]:
 
 def _table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| photo | pixels | JPEG KB | base64 ms | decode ms | processor ms (uint8) | raw ms "
+        "| photo | pixels | mode | JPEG KB | base64 ms | decode ms | processor ms (uint8) | raw ms "
         "| served CPU ms | served / raw (range) | wall ms |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         low, high = min(r["ratios"]), max(r["ratios"])
         lines.append(
-            f"| {r['size']} | {r['transfer']} | {r['jpeg_kb']:.0f} | {r['base64_ms']:.2f} "
+            f"| {r['size']} | {r['transfer']} | {r['mode']} | {r['jpeg_kb']:.0f} "
+            f"| {r['base64_ms']:.2f} "
             f"| {r['decode_ms']:.1f} | {r['processor_ms']:.1f} ({r['processor_uint8_ms']:.1f}) "
             f"| {r['raw_ms']:.1f} | {r['served_ms']:.1f} | {r['ratio']:.2f} "
             f"({low:.2f}-{high:.2f}) | {r['wall_ms']:.0f} |"
