@@ -25,8 +25,9 @@ So this protocol (a subclass; the parsing itself stays uvicorn's):
   object.
 
 A refused connection is closed after a short linger that reads and drops what the client is
-still sending, so the client reads the answer instead of a reset. The work per read is one
-``bytes.find`` over the new bytes (C speed, tens of microseconds for 256 KiB).
+still sending, so the client reads the answer instead of a reset; so is a connection that
+uvicorn closes after an answer sent while the request's body was still arriving. The work per
+read is one ``bytes.find`` over the new bytes (C speed, tens of microseconds for 256 KiB).
 """
 
 from __future__ import annotations
@@ -123,6 +124,22 @@ def error_bytes(status: int, message: str, code: str, retry_after: int | None = 
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
+class _LingeringTransport:
+    """The transport a request with a body answers through: uvicorn closes it right after
+    the response when the connection is not kept alive, and that close goes through the
+    protocol's linger while the body is still arriving (an answer sent before reading the
+    body: an admission 429, a 401, a 404)."""
+
+    def __init__(self, protocol: GuardedHttpToolsProtocol) -> None:
+        self._protocol = protocol
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._protocol.transport, name)
+
+    def close(self) -> None:
+        self._protocol._close_answered()
+
+
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """See the module docstring; ``limits`` is set on the subclass ``guarded_protocol`` makes."""
 
@@ -201,6 +218,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 chunked = True
         if self._body_left or chunked:  # else the parser ends the request right here
             self._arm(self.limits.body_timeout_s, self._body_timed_out)
+            if self.cycle is not None:
+                self.cycle.transport = _LingeringTransport(self)  # type: ignore[assignment]
         else:
             self._disarm()
 
@@ -356,6 +375,24 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             metrics.REQUESTS.labels("other", str(status)).inc()
         if not self._is_answering():
             self.transport.write(error_bytes(status, message, code, retry_after))
+        self._linger()
+
+    def _close_answered(self) -> None:
+        """uvicorn closing the connection after its response (the client asked for that, or
+        the response said so): at once, unless the request's body is still arriving."""
+        if self._in_head or self._is_closing:
+            self.transport.close()
+            return
+        self._is_closing = True
+        self._disarm()
+        self._linger()
+
+    def _linger(self) -> None:
+        """Half-close, read and drop what the client still sends (``data_received`` feeds
+        nothing once closing), close on its EOF or after ``LINGER_S``. Closing with unread
+        bytes would answer them with a reset, and a client still sending could lose the
+        answer before it reads it."""
+        self.flow.resume_reading()  # uvicorn may have paused reads on a full body buffer
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self._timer = self.loop.call_later(LINGER_S, self.transport.close)

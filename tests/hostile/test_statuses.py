@@ -176,3 +176,27 @@ def _log_reader(request: pytest.FixtureRequest, target: str) -> Any:
         return lambda: stack.server_log.read_text()
     fanin: Fanin = request.getfixturevalue("real")
     return fanin.log
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_an_answer_sent_before_the_body_is_read_by_a_client_still_sending_it(
+    target: str, request: pytest.FixtureRequest
+) -> None:
+    """The app answers before reading the body (a 404 here; an admission 429 or a wrong key
+    alike) on a connection the client asked to close. Closing at once, with body bytes still
+    arriving, would answer them with a reset, and the client could lose the answer it has not
+    read yet; the server half-closes instead and reads and drops the rest, so the client sends
+    its whole body and then reads the 404."""
+    url = request.getfixturevalue(target)
+    size = 8 << 20
+    with _connect(url) as sock:
+        sock.sendall(
+            b"POST /v1/nothing-here HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % size
+        )
+        time.sleep(0.3)  # the 404 is sent and the server is done with the request
+        chunk = b"x" * (256 << 10)
+        for _ in range(size // len(chunk)):  # a reset here would raise
+            sock.sendall(chunk)
+        assert error_of(_read_response(sock), 404)
+    assert_served(url)
