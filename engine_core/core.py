@@ -11,10 +11,8 @@ client.
 
 from __future__ import annotations
 
-import faulthandler
 import logging
 import queue
-import time
 from typing import Any, Protocol
 
 import msgspec
@@ -23,6 +21,7 @@ from engine_core.io_thread import ClientGone, InboxEvent, IOFailed
 from engine_core.pipeline import Pipeline, Runner
 from engine_core.sampler import Sampler
 from engine_core.scheduler import Scheduler
+from engine_core.step_watch import StepWatch
 from ipc import messages
 from ipc.config import EngineConfig
 
@@ -30,15 +29,6 @@ logger = logging.getLogger(__name__)
 
 #: How long the loop waits for an event after a step it could not schedule.
 STALL_WAIT_S = 1.0
-#: A loop that does not come back from a step for this long gets every thread's stack
-#: written to stderr (the engine's log) by faulthandler, whose own thread reads them without
-#: the GIL. On the GPU host one step took about 5 s while the IO thread sent nothing either
-#: (no recompile: TORCH_LOGS showed none), and the API servers failed every request in
-#: flight; the stacks say where the next one is spent.
-SLOW_STEP_DUMP_S = 2.5
-#: The dump's timer is re-armed at most this often (arming costs ~50 us, a step a few ms), so
-#: it fires after between SLOW_STEP_DUMP_S - DUMP_REARM_S and SLOW_STEP_DUMP_S in one step.
-DUMP_REARM_S = 0.5
 
 
 class Outbox(Protocol):
@@ -64,14 +54,15 @@ class EngineCore:
         self._pending: dict[bytes, list[messages.RequestOutput]] = {}
         self.scheduler = Scheduler(config, runner.facts, runner, self._collect)
         self.pipeline = Pipeline(self.scheduler, runner, sampler)
-        self._armed_at: float | None = None  # when the slow-step dump was last armed
+        self.watch = StepWatch()
 
     def run(self) -> None:
         """Serve until SHUTDOWN (returns) or a fatal error (raises)."""
+        self.watch.start()
         try:
             self._serve()
         finally:
-            self._disarm()
+            self.watch.stop()
 
     def _serve(self) -> None:
         stalled = False
@@ -79,11 +70,11 @@ class EngineCore:
             idle = not self.scheduler.has_work() and not self.pipeline.is_busy
             wait_s = STALL_WAIT_S if stalled else None if idle else 0.0
             if wait_s != 0.0:
-                self._disarm()  # waiting for work is not a slow step
+                self.watch.idle()  # waiting for work is not a slow step
             for event in self._events(wait_s):
                 if not self._handle(event):
                     return
-            self._arm()
+            self.watch.begin()
             stalled = not self.pipeline.advance() and self.scheduler.has_work()
             self.pipeline.stats.maybe_log(len(self.scheduler.running), len(self.scheduler.waiting))
             if stalled:
@@ -91,17 +82,6 @@ class EngineCore:
                 # spin in. Say so and look again when something arrives (or shortly).
                 logger.error("no step could be scheduled: %s", self.scheduler.stats())
             self._flush()
-
-    def _arm(self) -> None:
-        now = time.monotonic()
-        if self._armed_at is None or now - self._armed_at >= DUMP_REARM_S:
-            faulthandler.dump_traceback_later(SLOW_STEP_DUMP_S)
-            self._armed_at = now
-
-    def _disarm(self) -> None:
-        if self._armed_at is not None:
-            faulthandler.cancel_dump_traceback_later()
-            self._armed_at = None
 
     def _events(self, wait_s: float | None) -> list[InboxEvent]:
         """Everything in the inbox; first waiting up to ``wait_s`` (None: for ever) for one."""
