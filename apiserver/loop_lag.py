@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import threading
 import time
-import traceback
 
 from apiserver import metrics
+from ipc.lifecycle import thread_stack
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +77,8 @@ class LoopLagMonitor:
                 log.warning(
                     "event loop blocked for more than %.0f ms, in:\n%s",
                     silent * 1000,
-                    self._loop_stack(),
+                    thread_stack(self._loop_thread_id, STACK_FRAMES),
                 )
             elif stalled_since is not None and silent <= SLOW_S:
                 log.warning("event loop was blocked for %.0f ms", (last - stalled_since) * 1000)
                 stalled_since = None
-
-    def _loop_stack(self) -> str:
-        frame = sys._current_frames().get(self._loop_thread_id)
-        if frame is None:
-            return "  (loop thread not found)"
-        return "".join(traceback.format_stack(frame, limit=STACK_FRAMES)).rstrip()

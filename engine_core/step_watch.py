@@ -3,7 +3,7 @@
 The loop marks when its current step began (``begin``, one float store) and when it waits for
 work (``idle``). A daemon thread looks every ``CHECK_S``; once a step has run past
 ``SLOW_STEP_S`` it logs the loop thread's Python stack, once per step. It reads the stack
-through ``sys._current_frames`` with the GIL held, so a loop that runs on meanwhile cannot
+with the GIL held (``ipc.lifecycle.thread_stack``), so a loop that runs on meanwhile cannot
 free a frame under it: faulthandler's timed dump, used before, reads every thread's frames
 without the GIL, and after a 3-s SIGSTOP of the engine (tests/hostile/test_stalls.py) it
 dumped while the resumed loop ran and crashed the engine with SIGSEGV. The price: a loop that
@@ -16,10 +16,10 @@ API servers failed every request in flight; this is what says where such a step 
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
-import traceback
+
+from ipc.lifecycle import thread_stack
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,6 @@ class StepWatch:
             took = time.monotonic() - began
             if took < self.slow_s:
                 continue
-            frame = sys._current_frames().get(self._loop_thread)
-            stack = "".join(traceback.format_stack(frame)[-STACK_FRAMES:]) if frame else "?"
-            logger.warning("engine step running for %.1f s, in:\n%s", took, stack.rstrip())
+            stack = thread_stack(self._loop_thread, STACK_FRAMES)
+            logger.warning("engine step running for %.1f s, in:\n%s", took, stack)
             reported = began

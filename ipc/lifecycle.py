@@ -1,5 +1,5 @@
 """Process hygiene shared by every fanin process: a name for ps/top, dying with the parent,
-and telling the launcher that the process is ready.
+telling the launcher that the process is ready, and a stalled thread's stack for the log.
 
 It lives in ``ipc`` because both sides of the wire need it and may import nothing else shared.
 """
@@ -9,6 +9,8 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import sys
+import traceback
 
 import setproctitle
 
@@ -40,3 +42,13 @@ def signal_ready(fd: int | None) -> None:
     if fd is not None:
         os.write(fd, b"1")
         os.close(fd)
+
+
+def thread_stack(thread_id: int, frames: int) -> str:
+    """The innermost ``frames`` frames of another thread's Python stack, read with the GIL
+    held (``sys._current_frames``), so the thread running on meanwhile cannot free a frame
+    under the reader, as it can under faulthandler's GIL-less dump."""
+    frame = sys._current_frames().get(thread_id)
+    if frame is None:
+        return "  (thread not found)"
+    return "".join(traceback.format_stack(frame, limit=frames)).rstrip()
