@@ -46,6 +46,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from bench import proc
 from bench.outputs import model_dir, write_results
 
 _SAMPLES = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "retina")
@@ -115,28 +116,12 @@ def _cpu_seconds(pids: list[int]) -> float:
     return total / 1e9
 
 
-def _children(parent: int) -> list[tuple[int, bytes]]:
-    """(pid, command line) of each live child of ``parent``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
-            found.append((int(entry), cmdline))
-    return found
-
-
 def _frontend_pids(launcher: int) -> list[int]:
     """The API server under ``launcher`` and its render worker processes (in the default
     ``--preprocess-mode process`` the image work is theirs)."""
-    for pid, cmdline in _children(launcher):
-        if b"fanin-api-server" in cmdline or b"apiserver.server" in cmdline:
-            return [pid] + [child for child, _ in _children(pid)]
+    for pid in proc.descendants(launcher):
+        if proc.process_name(pid).startswith("fanin-api-server"):
+            return [pid, *proc.descendants(pid)]
     raise RuntimeError("no API server process under the launcher")
 
 
