@@ -37,21 +37,22 @@ def parse(text: str) -> Scrape:
     wanted = set(STAGES.values())
     found: dict[str, list[float]] = {}
     late_bucket = f"{STAGES['loop_lag']}_bucket"
+    on_time: float | None = None  # loop ticks at most LATE_S late
     for line in text.splitlines():
         series, _, value = line.partition(" ")
         name, _, labels = series.partition("{")
         with contextlib.suppress(ValueError):
             if name == late_bucket and f'le="{LATE_S}"' in labels:
-                # ticks at most LATE_S late, as (-count, 0): late = count - this
-                found.setdefault(_LATE, [0.0, 0.0])[0] -= float(value)
+                on_time = (on_time or 0.0) + float(value)
             for suffix, i in (("_sum", 0), ("_count", 1)):
                 base = name.removesuffix(suffix)
                 if base != name and base in wanted:
                     found.setdefault(base, [0.0, 0.0])[i] += float(value)
-    lag = found.get(STAGES["loop_lag"])
-    if _LATE in found and lag is not None:
-        found[_LATE][0] += lag[1]
-    return {k: (v[0], v[1]) for k, v in found.items()}
+    scrape = {k: (v[0], v[1]) for k, v in found.items()}
+    lag = scrape.get(STAGES["loop_lag"])
+    if on_time is not None and lag is not None:
+        scrape[_LATE] = (lag[1] - on_time, 0.0)
+    return scrape
 
 
 def means_ms(before: Scrape, after: Scrape) -> dict[str, float]:
