@@ -45,7 +45,10 @@ _TORCH_DTYPES = {
     "uint8": torch.uint8,
 }
 #: Processor arguments for uint8 pixels: the engine rescales and normalizes them itself.
-_UINT8_PIXELS = {"do_rescale": False, "do_normalize": False}
+_UINT8_PIXELS: dict[str, Any] = {"do_rescale": False, "do_normalize": False}
+#: ... and, where the engine repeats a still image's frame itself (``Ready.uint8_one_frame``),
+#: patches of one frame: half the processor's output, and half the bytes on every hop.
+_UINT8_ONE_FRAME: dict[str, Any] = {**_UINT8_PIXELS, "temporal_patch_size": 1}
 
 
 @dataclass(slots=True)
@@ -82,7 +85,7 @@ class Renderer:
         self._num_workers = num_workers
         self._pending = 0  # renders waiting for a thread or running on one
         self._pixel_dtype = _TORCH_DTYPES[ready.pixel_dtype]
-        self._pixel_kwargs = _UINT8_PIXELS if ready.pixel_dtype == "uint8" else {}
+        self._pixel_kwargs = _pixel_kwargs(ready)
         self._image_hash = None if processor is None else _settings_hash(processor, ready)
         image_processor = getattr(processor, "image_processor", None)
         self._merge_size = int(getattr(image_processor, "merge_size", 2))
@@ -301,8 +304,9 @@ class Renderer:
         for place, grid, num_rows, length, digest in zip(
             at.tolist(), grids.tolist(), rows, lengths, hashes, strict=True
         ):
-            # (rows, C*T*patch*patch): this image's patches. uint8 patches are a view of the
-            # processor's output, sent without a copy; float ones take the tower's dtype.
+            # (rows, C*T*patch*patch), T = 1 for one-frame uint8: this image's patches. uint8
+            # patches are a view of the processor's output, sent without a copy; float ones
+            # take the tower's dtype.
             patch = pixels[row : row + num_rows].to(self._pixel_dtype)
             row += num_rows
             items.append(
@@ -336,6 +340,12 @@ class Renderer:
 
     def _outside_vocabulary(self, param: str) -> ApiError:
         return ApiError(400, f"token ids must be in [0, {self._ready.vocab_size})", param=param)
+
+
+def _pixel_kwargs(ready: Ready) -> dict[str, Any]:
+    if ready.pixel_dtype != "uint8":
+        return {}
+    return _UINT8_ONE_FRAME if ready.uint8_one_frame else _UINT8_PIXELS
 
 
 def _settings_hash(processor: Any, ready: Ready) -> hashlib._Hash:

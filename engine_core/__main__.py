@@ -62,6 +62,7 @@ def ready_message(config: EngineConfig, facts: RunnerFacts) -> messages.Ready:
         eos_token_ids=list(facts.eos_token_ids),
         engine_pid=os.getpid(),
         pixel_dtype=facts.pixel_dtype,
+        uint8_one_frame=facts.image_frame_dim > 0,
         image_token_id=facts.image_token_id,
         scheduling_policy=config.scheduling_policy,
     )

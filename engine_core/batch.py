@@ -92,6 +92,9 @@ class RunnerFacts:
     #: length of one flattened patch; 1 and 0 without a tower.
     image_merge: int = 1
     image_patch_dim: int = 0
+    #: ``Ready.uint8_one_frame``: the length of a uint8 patch row that holds a still image's
+    #: one frame (the engine repeats it to the temporal patch); 0 where only whole rows go.
+    image_frame_dim: int = 0
 
     @property
     def kv_capacity_tokens(self) -> int:

@@ -157,9 +157,13 @@ def _check_image(
         wanted = "uint8 or floating-point" if accepts_uint8 else "floating-point"
         got = pixels.dtype if isinstance(pixels, torch.Tensor) else type(pixels).__name__
         return f"pixel_values must be a {wanted} tensor, not {got}"
-    if tuple(pixels.shape) != (patches, facts.image_patch_dim):
+    widths = [facts.image_patch_dim]
+    if pixels.dtype == torch.uint8 and facts.image_frame_dim:
+        widths.append(facts.image_frame_dim)  # a still image's one frame
+    if pixels.ndim != 2 or pixels.shape[0] != patches or pixels.shape[1] not in widths:
+        expected = " or ".join(f"({patches}, {w})" for w in widths)
         return (
             f"pixel_values of shape {tuple(pixels.shape)} disagree with grid "
-            f"{item.grid_thw}: expected ({patches}, {facts.image_patch_dim})"
+            f"{item.grid_thw}: expected {expected}"
         )
     return None

@@ -107,6 +107,7 @@ class DecoderRunner(ModelRunner):
             pixel_dtype=self.vision.pixel_input.wire_dtype if self.vision else "float32",
             image_merge=self.vision.merge_size if self.vision else 1,
             image_patch_dim=self.vision.patch_dim if self.vision else 0,
+            image_frame_dim=self.vision.pixel_input.frame_dim if self.vision else 0,
         )
 
     def _use_graphs(self, config: EngineConfig) -> bool:

@@ -11,8 +11,12 @@ processor's own formula in the same float32 arithmetic (rescale and normalize fu
 it would have seen (tests/engine_core/test_pixels.py compares them on real photos).
 
 Patches are laid out (rows, channels * temporal_patch * patch * patch), channel-major, as the
-Qwen2-VL processors flatten them. Float pixels (already normalized) are still accepted: the
-``normalized`` transfer, and clients that never heard of uint8.
+Qwen2-VL processors flatten them. For a still image the processor fills the temporal patch
+with copies of its one frame, so uint8 patches may also come with one frame each (the
+processor run with ``temporal_patch_size=1``: ``Ready.uint8_one_frame``), half the bytes on
+every hop from the render worker to the GPU; the copies are made here, on the device. Float
+pixels (already normalized) are still accepted: the ``normalized`` transfer, and clients that
+never heard of uint8.
 """
 
 from __future__ import annotations
@@ -38,6 +42,10 @@ class PixelInput:
     device: torch.device
     dtype: torch.dtype
     channels: int
+    #: The tower's temporal patch (frames per patch row) and, where uint8 rows may hold one
+    #: frame of a still image instead, that row's length (channels * patch**2; else 0).
+    temporal: int = 1
+    frame_dim: int = 0
     #: (channels,) float32 on ``device``: x -> (x * scale - shift) / divisor, see ``_stats``.
     scale: torch.Tensor | None = None
     shift: torch.Tensor | None = None
@@ -72,7 +80,9 @@ class PixelInput:
             if transfer == "uint8":
                 raise ModelLoadError(f"--pixel-transfer uint8: no image processor: {exc}") from exc
             return cls(device, dtype, channels)
-        return cls.for_processor(processor, channels, device, dtype, transfer)
+        temporal = int(getattr(vision_config, "temporal_patch_size", 1))
+        frame_dim = channels * int(getattr(vision_config, "patch_size", 0)) ** 2
+        return cls.for_processor(processor, channels, device, dtype, transfer, temporal, frame_dim)
 
     @classmethod
     def for_processor(
@@ -82,9 +92,13 @@ class PixelInput:
         device: torch.device,
         dtype: torch.dtype,
         transfer: Transfer,
+        temporal: int = 1,
+        frame_dim: int = 0,
     ) -> PixelInput:
         """uint8 transfer when ``transfer`` asks for it or, for ``auto``, when ``processor`` is
-        a torchvision one (whose uint8 output is exact)."""
+        a torchvision one (whose uint8 output is exact); one-frame rows of ``frame_dim``
+        values too when the tower's ``temporal`` patch is more than one frame and the
+        processor patches with the same one."""
         backend = getattr(processor, "backend", None)
         if transfer == "normalized" or backend != "torchvision":
             if transfer == "uint8":
@@ -94,30 +108,38 @@ class PixelInput:
                     "(install torchvision, or use --pixel-transfer normalized)"
                 )
             return cls(device, dtype, channels)
+        if temporal < 2 or int(getattr(processor, "temporal_patch_size", 1)) != temporal:
+            temporal, frame_dim = 1, 0  # nothing to repeat, or a processor of another layout
         scale, shift, divisor = _stats(processor, channels)
         return cls(
             device,
             dtype,
             channels,
+            temporal,
+            frame_dim,
             scale.to(device),
             shift.to(device),
             divisor.to(device),
         )
 
     def to_tower(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(rows, patch_dim) wire pixels -> the same shape in the tower's dtype on its device.
-        Pixels the IO thread did not pin (its budget was spent) are pinned here: an upload from
+        """(rows, patch_dim) wire pixels -> the same shape in the tower's dtype on its device;
+        uint8 rows of one frame (``frame_dim``) come out ``temporal`` times as wide. Pixels
+        the IO thread did not pin (its budget was spent) are pinned here: an upload from
         pageable memory would wait for the step in flight."""
         pixel_values = pinned(pixel_values, self.device)
         if pixel_values.dtype != torch.uint8:
             return pixel_values.to(self.device, self.dtype, non_blocking=True)
         assert self.scale is not None and self.shift is not None and self.divisor is not None
-        rows = pixel_values.shape[0]
+        rows, width = pixel_values.shape
         x = pixel_values.to(self.device, non_blocking=True).view(rows, self.channels, -1)
         # (rows, C, T*P*P) float32; the per-channel stats broadcast as (C, 1).
         x = x.to(torch.float32).mul_(self.scale[:, None]).sub_(self.shift[:, None])
-        x = x.div_(self.divisor[:, None])
-        return x.view(rows, -1).to(self.dtype)
+        x = x.div_(self.divisor[:, None]).to(self.dtype)
+        if self.frame_dim and width == self.frame_dim:
+            # The processor's layout is (C, T, P*P) per row with T copies of the frame.
+            x = x.unsqueeze(2).expand(rows, self.channels, self.temporal, -1)
+        return x.reshape(rows, -1)
 
 
 def _stats(processor: object, channels: int) -> tuple[torch.Tensor, ...]:

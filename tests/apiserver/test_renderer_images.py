@@ -45,7 +45,7 @@ COFFEE = _jpeg(skimage.data.coffee(), (320, 240))
 ROCKET = _jpeg(skimage.data.rocket(), (256, 192))
 
 
-def _ready(model: Path, pixel_dtype: str) -> messages.Ready:
+def _ready(model: Path, pixel_dtype: str, one_frame: bool = False) -> messages.Ready:
     config = json.loads((model / "config.json").read_text())
     return messages.Ready(
         protocol_version=messages.PROTOCOL_VERSION,
@@ -58,15 +58,18 @@ def _ready(model: Path, pixel_dtype: str) -> messages.Ready:
         supports_embeddings=True,
         supports_generation=True,
         pixel_dtype=pixel_dtype,  # type: ignore[arg-type]
+        uint8_one_frame=one_frame,
         image_token_id=int(config["image_token_id"]),
     )
 
 
-def _renderer(model: Path, pixel_dtype: str, processor: Any = None) -> Renderer:
+def _renderer(
+    model: Path, pixel_dtype: str, processor: Any = None, one_frame: bool = False
+) -> Renderer:
     return Renderer(
         AutoTokenizer.from_pretrained(model),
         processor or AutoProcessor.from_pretrained(model),
-        _ready(model, pixel_dtype),
+        _ready(model, pixel_dtype, one_frame),
         ServerConfig(),
         1,
     )
@@ -79,8 +82,12 @@ def _render(renderer: Renderer, *media: MediaBytes) -> Prompt:
         renderer.close()
 
 
-def test_uint8_patches_reach_the_wire_without_a_copy(default_model_dir: Path) -> None:
-    prompt = _render(_renderer(default_model_dir, "uint8"), MediaBytes(COFFEE), MediaBytes(ROCKET))
+@pytest.mark.parametrize("one_frame", [False, True])
+def test_uint8_patches_reach_the_wire_without_a_copy(
+    default_model_dir: Path, one_frame: bool
+) -> None:
+    renderer = _renderer(default_model_dir, "uint8", one_frame=one_frame)
+    prompt = _render(renderer, MediaBytes(COFFEE), MediaBytes(ROCKET))
     first, second = (item.pixel_values for item in prompt.mm_items)
     assert first is not None and second is not None
     assert first.dtype == second.dtype == torch.uint8
@@ -126,6 +133,23 @@ def test_content_hash_is_of_the_bytes_and_the_settings(
     path.write_text(json.dumps(config))
     smaller = _render(_renderer(other, "uint8"), b64, b64).mm_items
     assert smaller[0].content_hash != hashes[0]
+
+
+def test_one_frame_patches_are_half_of_the_processors_rows(default_model_dir: Path) -> None:
+    """A still image's patch rows hold two copies of its frame: with ``uint8_one_frame`` one
+    travels (the engine repeats it), and the encoder-cache key stays the same, since the
+    tower's input does."""
+    media = MediaBytes(COFFEE), MediaBytes(ROCKET)
+    whole = _render(_renderer(default_model_dir, "uint8"), *media).mm_items
+    one = _render(_renderer(default_model_dir, "uint8", one_frame=True), *media).mm_items
+    for full, half in zip(whole, one, strict=True):
+        assert full.pixel_values is not None and half.pixel_values is not None
+        rows = full.pixel_values.shape[0]
+        assert half.pixel_values.shape == (rows, 588) and half.grid_thw == full.grid_thw
+        frames = full.pixel_values.view(rows, 3, 2, 196)
+        assert torch.equal(frames[:, :, 0], frames[:, :, 1])
+        assert torch.equal(half.pixel_values.view(rows, 3, 196), frames[:, :, 0])
+        assert half.content_hash == full.content_hash
 
 
 def test_uint8_needs_the_torchvision_processor(default_model_dir: Path) -> None:

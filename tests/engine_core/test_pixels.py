@@ -1,7 +1,8 @@
 """uint8 pixels normalized by the engine give the very values of the image processor's own
 float output, on real photos (scikit-image's samples, at their own sizes, 1024x768 and
-1920x1080) and for every rescale/normalize setting a processor config can hold; through the
-real vision tower the two give the same embeddings; the engine accepts uint8 only when it
+1920x1080) and for every rescale/normalize setting a processor config can hold, whether the
+patches hold the temporal patch's two copies of a still image's frame or the one frame; through
+the real vision tower all give the same embeddings; the engine accepts uint8 only when it
 normalizes itself, and picks the transfer from the model's processor."""
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from engine_core.model.pixels import PixelInput
 
 CPU = torch.device("cpu")
 UINT8 = {"do_rescale": False, "do_normalize": False}
+#: One frame per patch row: what API servers send when READY says ``uint8_one_frame``.
+ONE_FRAME = {**UINT8, "temporal_patch_size": 1}
 
 
 def _photos() -> list[Image.Image]:
@@ -58,15 +61,18 @@ def _pixel_input(model: Path, dtype: torch.dtype = torch.float32, transfer: str 
     return PixelInput.for_model(str(model), vision, CPU, dtype, transfer)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("frames", [2, 1])
 @pytest.mark.parametrize("photo", range(len(PHOTOS)))
 def test_engine_normalization_equals_the_processor_on_real_photos(
-    default_model_dir: Path, processor: Any, photo: int
+    default_model_dir: Path, processor: Any, photo: int, frames: int
 ) -> None:
     image = PHOTOS[photo]
     floats = processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
-    raw = processor.image_processor(images=[image], return_tensors="pt", **UINT8)
+    kwargs = UINT8 if frames == 2 else ONE_FRAME
+    raw = processor.image_processor(images=[image], return_tensors="pt", **kwargs)
     pixels = raw["pixel_values"]
-    assert pixels.dtype == torch.uint8 and pixels.shape == floats.shape
+    assert pixels.dtype == torch.uint8 and pixels.shape[0] == floats.shape[0]
+    assert pixels.shape[1] * 2 // frames == floats.shape[1]
     assert torch.equal(_pixel_input(default_model_dir).to_tower(pixels), floats)
     bf16 = _pixel_input(default_model_dir, torch.bfloat16).to_tower(pixels)
     assert torch.equal(bf16, floats.to(torch.bfloat16))
@@ -89,8 +95,9 @@ def test_every_rescale_and_normalize_setting(
     image_processor = AutoImageProcessor.from_pretrained(model)
     image = PHOTOS[1]
     floats = image_processor(images=[image], return_tensors="pt")["pixel_values"]
-    pixels = image_processor(images=[image], return_tensors="pt", **UINT8)["pixel_values"]
-    assert torch.equal(_pixel_input(model).to_tower(pixels), floats.to(torch.float32))
+    for kwargs in (UINT8, ONE_FRAME):
+        pixels = image_processor(images=[image], return_tensors="pt", **kwargs)["pixel_values"]
+        assert torch.equal(_pixel_input(model).to_tower(pixels), floats.to(torch.float32))
 
 
 def test_the_chat_processor_passes_uint8_through(processor: Any) -> None:
@@ -108,9 +115,13 @@ def test_the_chat_processor_passes_uint8_through(processor: Any) -> None:
 
 
 def test_transfer_follows_the_flag_and_the_processor(default_model_dir: Path) -> None:
-    assert _pixel_input(default_model_dir).wire_dtype == "uint8"
+    uint8 = _pixel_input(default_model_dir)
+    assert uint8.wire_dtype == "uint8"
+    # 3 channels x 14 x 14: one frame of the tower's 2-frame temporal patch.
+    assert (uint8.temporal, uint8.frame_dim) == (2, 588)
     normalized = _pixel_input(default_model_dir, torch.bfloat16, "normalized")
     assert normalized.wire_dtype == "bfloat16" and not normalized.accepts_uint8
+    assert normalized.frame_dim == 0
     # transformers' PIL backend (chosen where torchvision is missing) resizes with PIL and
     # normalizes in numpy: its float values are not what the engine computes.
     pil = AutoImageProcessor.from_pretrained(default_model_dir, backend="pil")
@@ -137,11 +148,11 @@ def test_the_vision_tower_sees_the_same_input(
     assert runner.facts.pixel_dtype == "uint8"
     grid = None
     encoded = []
-    for kwargs in ({}, UINT8):
+    for kwargs in ({}, UINT8, ONE_FRAME):
         out = processor.image_processor(images=[PHOTOS[2]], return_tensors="pt", **kwargs)
         grid = tuple(out["image_grid_thw"][0].tolist())
         encoded.extend(runner.vision.encode([(out["pixel_values"], grid)]))
-    assert torch.equal(encoded[0], encoded[1])
+    assert torch.equal(encoded[0], encoded[1]) and torch.equal(encoded[0], encoded[2])
 
 
 def test_uint8_is_accepted_only_where_the_engine_normalizes(
@@ -159,3 +170,32 @@ def test_uint8_is_accepted_only_where_the_engine_normalizes(
     as_int16 = msgspec.structs.replace(item, pixel_values=raw["pixel_values"].to(torch.int16))
     error = admit(make_runner(), msgspec.structs.replace(request, mm_items=[as_int16]))
     assert error == "pixel_values must be a uint8 or floating-point tensor, not torch.int16"
+
+
+def test_one_frame_rows_are_taken_as_uint8_only(
+    make_runner: Callable[..., Any], encode: Callable[..., Any], processor: Any
+) -> None:
+    image = PHOTOS[1].resize((224, 168))
+    request = image_request("f", encode("What is this?", [image]), processor.image_token_id)
+    item = request.mm_items[0]
+    one = processor.image_processor(images=[image], return_tensors="pt", **ONE_FRAME)
+    pixels = one["pixel_values"]
+    rows = pixels.shape[0]
+
+    def admitted(runner: Any, values: torch.Tensor) -> str | None:
+        replaced = msgspec.structs.replace(item, pixel_values=values)
+        return admit(runner, msgspec.structs.replace(request, mm_items=[replaced]))
+
+    runner = make_runner()
+    assert admitted(runner, pixels) is None
+    # One frame in float (normalized pixels always hold the whole temporal patch)...
+    error = admitted(make_runner(), pixels.to(torch.float32))
+    assert error == f"pixel_values of shape ({rows}, 588) disagree with grid {item.grid_thw}: " + (
+        f"expected ({rows}, 1176)"
+    )
+    # ...or a row of neither length.
+    error = admitted(make_runner(), pixels[:, :500].contiguous())
+    assert error is not None and f"expected ({rows}, 1176) or ({rows}, 588)" in error
+    # The engine that normalizes nothing takes no uint8 at all.
+    error = admitted(make_runner(pixel_transfer="normalized"), pixels)
+    assert error == "pixel_values must be a floating-point tensor, not torch.uint8"
