@@ -112,7 +112,7 @@ def _recv_exact(sock: socket.socket, n: int) -> bytearray:
     # patches (MBs through a ~200 KB socket buffer) cost the reading thread one GIL round trip,
     # not one per ~200 KB read; on a busy server each of those waited for the loop thread to
     # let go of the GIL (up to the switch interval). The loop below is for the short counts a
-    # signal can still cause. bench/worker_hop.py: 5.5x the rate beside a busy loop.
+    # signal can still cause. bench/worker_hop.py: 3.5-5.5x the rate beside a busy loop.
     buf = bytearray(n)
     view, got = memoryview(buf), 0
     while got < n:

@@ -3,14 +3,16 @@ render worker while the API server's loop thread keeps the GIL busy, and how lat
 runs meanwhile.
 
 A forked child plays the worker: for each request it answers with a 1024x768 photo's uint8
-patches (a (3996, 1176) tensor, 4.7 MB), through ``apiserver.render_workers``' own framing.
+patches, through ``apiserver.render_workers``' own framing: (3996, 588), 2.35 MB, the one frame
+that travels where the engine repeats it (``Ready.uint8_one_frame``), or with
+``--patch-width 1176`` the processor's two-frame rows (4.7 MB).
 In the parent, a thread does the exchanges (``_exchange``, as the server's render-io threads
 do) while the main thread runs Python in short slices, as a loop thread busy with requests
 does, under the server's GIL switch interval. Both readers in one run: the server's
 (``recv_into`` with ``MSG_WAITALL``: one GIL round trip a message) and plain reads (one per
 socket-buffer's worth, each waiting for the busy thread to let go of the GIL).
 
-Usage: python -m bench.worker_hop [--rounds 60] [--out bench/results/worker_hop.md]
+Usage: python -m bench.worker_hop [--rounds 60] [--patch-width 588] [--out FILE]
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ import torch
 from apiserver import render_workers as rw
 from apiserver.config import ServerConfig
 
-#: A 1024x768 photo's patches as the Qwen2-VL processor gives them in uint8.
-_PATCHES = (3996, 1176)
+#: Patch rows of a 1024x768 photo for the Qwen2-VL processor.
+_ROWS = 3996
 
 
 class _PlainReads:
@@ -47,8 +49,8 @@ class _PlainReads:
         self._sock.sendall(data)
 
 
-def _worker(sock: socket.socket) -> None:
-    patches = torch.randint(0, 256, _PATCHES, dtype=torch.uint8)
+def _worker(sock: socket.socket, width: int) -> None:
+    patches = torch.randint(0, 256, (_ROWS, width), dtype=torch.uint8)
     while True:
         try:
             rw._recv(sock)
@@ -57,7 +59,7 @@ def _worker(sock: socket.socket) -> None:
         rw._send(sock, ("ok", patches, 0.0))
 
 
-def _run(sock: Any, rounds: int) -> dict[str, float]:
+def _run(sock: Any, rounds: int, width: int) -> dict[str, float]:
     took: list[float] = []
     done = threading.Event()
 
@@ -65,7 +67,7 @@ def _run(sock: Any, rounds: int) -> dict[str, float]:
         for _ in range(rounds):
             start = time.perf_counter()
             status, patches, _ = rw._exchange(sock, ("chat", ()))
-            assert status == "ok" and patches.shape == _PATCHES
+            assert status == "ok" and patches.shape == (_ROWS, width)
             took.append(time.perf_counter() - start)
         done.set()
 
@@ -80,7 +82,7 @@ def _run(sock: Any, rounds: int) -> dict[str, float]:
         slices.append(time.perf_counter() - start)
     io.join()
     slices.sort()
-    mb = _PATCHES[0] * _PATCHES[1] / 1e6
+    mb = _ROWS * width / 1e6
     return {
         "ms": statistics.median(took) * 1e3,
         "gbps": mb / statistics.median(took) / 1e3,
@@ -93,6 +95,7 @@ def _run(sock: Any, rounds: int) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=60)
+    ap.add_argument("--patch-width", type=int, default=588, help="values per patch row")
     ap.add_argument("--out", help="write the markdown table here too")
     args = ap.parse_args()
     switch_ms = ServerConfig().gil_switch_interval
@@ -101,13 +104,13 @@ def main() -> None:
     pid = os.fork()
     if pid == 0:
         ours.close()
-        _worker(theirs)
+        _worker(theirs, args.patch_width)
         os._exit(0)
     theirs.close()
     rows = []
     for name, sock in (("MSG_WAITALL (the server's)", ours), ("plain reads", _PlainReads(ours))):
-        _run(sock, 3)  # warm-up
-        rows.append((name, _run(sock, args.rounds)))
+        _run(sock, 3, args.patch_width)  # warm-up
+        rows.append((name, _run(sock, args.rounds, args.patch_width)))
     ours.close()
     os.waitpid(pid, 0)
     base = rows[1][1]["ms"]
@@ -117,9 +120,11 @@ def main() -> None:
         f"- Machine: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; "
         f"Python {platform.python_version()}, torch {torch.__version__}; GIL switch interval "
         f"{switch_ms} ms (the server's default)",
-        f"- Command: `python -m bench.worker_hop --rounds {args.rounds}`",
-        "- One photo's uint8 patches (4.7 MB) per exchange, median of the rounds; a slice "
-        "of the busy thread is 3,000 additions in Python.",
+        f"- Command: `python -m bench.worker_hop --rounds {args.rounds} "
+        f"--patch-width {args.patch_width}`",
+        f"- One photo's uint8 patches ({_ROWS} x {args.patch_width}, "
+        f"{_ROWS * args.patch_width / 1e6:.2f} MB) per exchange, median of the rounds; a "
+        "slice of the busy thread is 3,000 additions in Python.",
         "",
         "| reader | ms per photo | GB/s | vs plain | busy thread's slice p50 / p99 / max (ms) |",
         "|---|---:|---:|---:|---|",
