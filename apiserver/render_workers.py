@@ -13,8 +13,9 @@ a one-thread copy of a process that already imported torch and transformers (the
 preloads them). A worker waits on its end of a socketpair for the engine's ``Ready`` (known
 only once the engine answers), loads the tokenizer and processor, then renders one chat at a
 time. Messages are pickles (protocol 5) with tensors and arrays as out-of-band buffers: a
-photo's patches cross the socket as one kernel copy each way and none in Python. The server
-does each exchange on an IO thread of the worker's (blocking reads, the GIL let go in each).
+photo's patches cross the socket as one kernel copy each way and none in Python. Each worker
+has an IO thread in the server that does its exchanges (blocking reads, the GIL let go in
+each) and takes the next chat from a queue all of them share as soon as it has read a reply.
 Both ends are this server's own processes, so unpickling their messages is safe.
 
 A worker ignores SIGINT, SIGTERM and SIGHUP (a terminal's Ctrl-C and systemd's stop signal
@@ -32,13 +33,14 @@ import io
 import logging
 import os
 import pickle
+import queue
 import signal
 import socket
 import struct
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -136,6 +138,11 @@ def _send(sock: socket.socket, obj: Any) -> None:
         sock.sendall(part)
 
 
+def _resolve(future: asyncio.Future[Any], result: Any) -> None:
+    if not future.done():  # not cancelled meanwhile
+        future.set_result(result)
+
+
 def _exchange(sock: socket.socket, message: Any) -> Any:
     """The server's side of one request to a worker (on its IO thread): send, read the reply."""
     _send(sock, message)
@@ -194,22 +201,38 @@ def _worker_main(sock: socket.socket, config: ServerConfig, parent: int, title: 
 # --- the server's side ----------------------------------------------------------------------
 
 
+class _Chat:
+    """One chat for the workers: queued by the event loop, taken by the first free IO thread."""
+
+    __slots__ = ("message", "future", "queued_at", "abandoned")
+
+    def __init__(self, message: Any, future: asyncio.Future[Any]) -> None:
+        self.message = message
+        self.future = future
+        self.queued_at = time.perf_counter()
+        #: Its request was cancelled before a worker took it: no worker renders it.
+        self.abandoned = False
+
+
 class RenderWorkers:
     """The render worker processes of one API server, one chat at a time each."""
 
     def __init__(self, socks: list[socket.socket], pids: list[int]) -> None:
         self._socks = socks
         self.pids = pids
-        self._idle: asyncio.Queue[socket.socket] | None = None
         self._lost: Callable[[str], None] | None = None
         self._dead = False  # a worker died: the server is on its way out
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pidfds: dict[int, int] = {}  # worker pid -> its pidfd, readable once it exits
-        # One thread a worker does its exchanges: blocking reads and writes, the GIL let go in
-        # each, so a photo's patches (a few MB, ~200 KB a read) cross at the kernel's pace.
-        # On the event loop each read waited for a loop iteration, ~20 of them a photo under
+        # One IO thread a worker does its exchanges: blocking reads and writes, the GIL let go
+        # in each, so a photo's patches (MBs, ~200 KB a read) cross at the kernel's pace. On
+        # the event loop each read waited for a loop iteration, ~20 of them a photo under
         # load, and the workers sat idle two thirds of the time (bench/results/overload.md).
-        self._io = ThreadPoolExecutor(len(socks), thread_name_prefix="render-io")
+        # A thread takes the next chat from this queue as soon as it has read a reply: a
+        # worker handed back through the loop waited for its iterations as well, a few
+        # milliseconds each on a busy server, before the next chat could reach it.
+        self._chats: queue.SimpleQueue[_Chat | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
 
     @classmethod
     def fork(
@@ -248,49 +271,68 @@ class RenderWorkers:
         """Load every worker's tokenizer and processor for the engine's ``ready``; ``on_lost``
         is called once a worker has died."""
         self._lost = on_lost
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         for pid in self.pids:  # an idle worker's death is noticed too, not only a busy one's
             self._pidfds[pid] = fd = os.pidfd_open(pid)
-            self._loop.add_reader(fd, self._exited, pid)
-        loads = [
-            self._loop.run_in_executor(self._io, _exchange, s, ("load", ready)) for s in self._socks
-        ]
-        for status, detail, _ in await asyncio.gather(*loads):
+            loop.add_reader(fd, self._exited, pid)
+        loads = []
+        for i, sock in enumerate(self._socks):
+            load = _Chat(("load", ready), loop.create_future())
+            loads.append(load.future)
+            thread = threading.Thread(
+                target=self._io, args=(sock, load), name=f"render-io_{i}", daemon=True
+            )
+            self._threads.append(thread)
+            thread.start()
+        for (status, detail, _), _ in await asyncio.gather(*loads):
             if status != "ok":
                 raise RuntimeError(f"a render worker could not load the model: {detail[1]}")
-        self._idle = asyncio.Queue()
-        for s in self._socks:
-            self._idle.put_nowait(s)
 
     async def chat(self, *args: Any) -> tuple[Any, float, float]:
         """``Renderer.chat_blocking(*args)`` on the first free worker: (its result, seconds
         waited for a worker, seconds it rendered). Its ApiError is raised here."""
-        assert self._idle is not None and self._loop is not None, "start() first"
+        assert self._loop is not None, "start() first"
         if self._dead:
             raise _died()
-        asked = time.perf_counter()
-        sock = await self._idle.get()
-        waited = time.perf_counter() - asked
-        done = self._loop.run_in_executor(self._io, _exchange, sock, ("chat", args))
-        # The worker goes back once its reply is read, even for a request cancelled meanwhile
-        # (the next request would read that reply otherwise).
-        done.add_done_callback(lambda f: self._returned(sock, f))
+        job = _Chat(("chat", args), self._loop.create_future())
+        self._chats.put(job)
         try:
-            status, detail, took = await asyncio.shield(done)
+            reply, waited = await job.future
+        except asyncio.CancelledError:
+            # Not rendered unless a worker has it already; one that has reads the reply
+            # anyway (the next chat would read it otherwise) and drops it.
+            job.abandoned = True
+            raise
         except (WorkerLost, OSError):
             raise _died() from None
+        status, detail, took = reply
         if status != "ok":
             raise ApiError(detail[0], detail[1], param=detail[2], code=detail[3], headers=detail[4])
         return detail, waited, took
 
-    def _returned(self, sock: socket.socket, done: asyncio.Future[Any]) -> None:
-        if done.cancelled():  # the server is closing its workers
-            return
-        if done.exception() is not None:
-            self._die(f"a render worker died ({done.exception()!r})")
-        else:
-            assert self._idle is not None
-            self._idle.put_nowait(sock)
+    def _io(self, sock: socket.socket, job: _Chat | None) -> None:
+        """One worker's IO thread: its load (``job``), then chats until the close or the
+        worker's death."""
+        while job is not None:
+            if not job.abandoned:
+                taken = time.perf_counter()
+                try:
+                    reply = _exchange(sock, job.message)
+                except (WorkerLost, OSError) as exc:
+                    self._on_loop(self._failed, job, exc)
+                    return
+                self._on_loop(_resolve, job.future, (reply, taken - job.queued_at))
+            job = self._chats.get()
+
+    def _on_loop(self, callback: Callable[..., None], *args: Any) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
+            self._loop.call_soon_threadsafe(callback, *args)
+
+    def _failed(self, job: _Chat, exc: BaseException) -> None:
+        if not job.future.done():
+            job.future.set_exception(exc)
+        self._die(f"a render worker died ({exc!r})")
 
     def _exited(self, pid: int) -> None:
         self._unwatch(pid)  # a pidfd stays readable: left watched, it would spin the loop
@@ -319,4 +361,12 @@ class RenderWorkers:
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
             s.close()
-        self._io.shutdown(wait=False, cancel_futures=True)
+        # Chats no thread took fail here (a thread that takes one first fails it itself);
+        # then one stop for each thread that is still waiting.
+        with contextlib.suppress(queue.Empty):
+            while True:
+                job = self._chats.get_nowait()
+                if job is not None and not job.future.done():
+                    job.future.set_exception(WorkerLost("closed"))
+        for _ in self._threads:
+            self._chats.put(None)

@@ -110,7 +110,8 @@ SCRIPT = textwrap.dedent(
         except ApiError as exc:
             assert exc.status == 503, exc.message
         assert len(lost) == 1 and "render worker" in lost[0], lost
-        assert pair._idle.qsize() == 2  # the cancelled chat's worker came back
+        # The cancelled chat's worker went on: no IO thread ended.
+        assert len(pair._threads) == 2 and all(t.is_alive() for t in pair._threads)
         for _ in range(200):  # the exit watcher reaps it
             await asyncio.sleep(0.05)
             try:  # WNOWAIT: look without reaping
