@@ -52,10 +52,15 @@ from ipc.lifecycle import die_with_parent, name_process
 
 log = logging.getLogger(__name__)
 
-#: A message: its pickle's length and the number of out-of-band buffers, then one length per
-#: buffer, then the pickle and the buffers.
-_HEADER = struct.Struct("<QI")
+#: A message: the length of all that follows this header, its pickle's length and the number
+#: of out-of-band buffers; then one length per buffer, the pickle, and the buffers, each at an
+#: offset from the header's end that is a multiple of ``_ALIGN`` (tensors are views of them).
+#: All of it after the header is read in one call, and sent in one with the header: each
+#: blocking call costs the IO thread a GIL round trip, up to the switch interval on a busy
+#: server (bench/worker_hop.py).
+_HEADER = struct.Struct("<QQI")
 _LENGTH = struct.Struct("<Q")
+_ALIGN = 64
 #: Render workers yield the cores to everything else of the host: under contention, the
 #: engine core's step loop and the servers' event loops (latency) go before image processing
 #: (throughput). On Linux they run under SCHED_IDLE, which a waking task of any other policy
@@ -89,13 +94,31 @@ class _Pickler(pickle.Pickler):
         return codec.tensor_from_bytes, (name, shape, pickle.PickleBuffer(raw))
 
 
+def _layout(body: int, sizes: list[int]) -> tuple[int, list[int]]:
+    """The buffers' offsets after the lengths and the pickle, and where the message ends."""
+    at = _LENGTH.size * len(sizes) + body
+    offsets = []
+    for n in sizes:
+        at += -at % _ALIGN
+        offsets.append(at)
+        at += n
+    return at, offsets
+
+
 def _dumps(obj: Any) -> list[bytes | memoryview]:
     buffers: list[pickle.PickleBuffer] = []
     body = io.BytesIO()
     _Pickler(body, protocol=5, buffer_callback=buffers.append).dump(obj)
     raws = [b.raw() for b in buffers]
-    head = _HEADER.pack(body.tell(), len(raws)) + b"".join(_LENGTH.pack(r.nbytes) for r in raws)
-    return [head, body.getbuffer(), *raws]
+    sizes = [r.nbytes for r in raws]
+    total, offsets = _layout(body.tell(), sizes)
+    head = _HEADER.pack(total, body.tell(), len(raws)) + b"".join(_LENGTH.pack(n) for n in sizes)
+    parts: list[bytes | memoryview] = [head, body.getbuffer()]
+    end = _LENGTH.size * len(sizes) + body.tell()
+    for raw, at in zip(raws, offsets, strict=True):
+        parts += [bytes(at - end), raw] if at > end else [raw]
+        end = at + raw.nbytes
+    return parts
 
 
 class WorkerLost(ConnectionError):
@@ -126,16 +149,23 @@ def _recv_exact(sock: socket.socket, n: int) -> bytearray:
 
 
 def _recv(sock: socket.socket) -> Any:
-    body, count = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
-    lengths = _recv_exact(sock, _LENGTH.size * count)
-    sizes = [_LENGTH.unpack_from(lengths, _LENGTH.size * i)[0] for i in range(count)]
-    data = _recv_exact(sock, body)
-    return pickle.loads(data, buffers=[_recv_exact(sock, n) for n in sizes])
+    total, body, count = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
+    data = memoryview(_recv_exact(sock, total))
+    sizes = [_LENGTH.unpack_from(data, _LENGTH.size * i)[0] for i in range(count)]
+    start = _LENGTH.size * count
+    _, offsets = _layout(body, sizes)
+    buffers = [data[at : at + n] for at, n in zip(offsets, sizes, strict=True)]
+    return pickle.loads(data[start : start + body], buffers=buffers)
 
 
 def _send(sock: socket.socket, obj: Any) -> None:
-    for part in _dumps(obj):
-        sock.sendall(part)
+    views = [memoryview(part) for part in _dumps(obj)]
+    while views:  # one call, unless a signal or a full buffer cuts it short
+        sent = sock.sendmsg(views)
+        while views and sent >= views[0].nbytes:
+            sent -= views.pop(0).nbytes
+        if views:
+            views[0] = views[0][sent:]
 
 
 def _resolve(future: asyncio.Future[Any], result: Any) -> None:

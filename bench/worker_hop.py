@@ -45,8 +45,8 @@ class _PlainReads:
     def recv_into(self, view: Any, nbytes: int = 0, flags: int = 0) -> int:
         return self._sock.recv_into(view, nbytes, flags & ~socket.MSG_WAITALL)
 
-    def sendall(self, data: Any) -> None:
-        self._sock.sendall(data)
+    def sendmsg(self, buffers: Any) -> int:
+        return self._sock.sendmsg(buffers)
 
 
 def _worker(sock: socket.socket, width: int) -> None:
