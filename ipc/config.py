@@ -80,7 +80,8 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         Literal["auto", "uint8", "normalized"],
         Meta(
             description="how API servers send image pixels: uint8 patches that the engine "
-            "rescales and normalizes on its device (auto, where the model's image processor is "
+            "rescales and normalizes on its device, one frame of a still image where the tower's "
+            "temporal patch repeats it (auto, where the model's image processor is "
             "transformers' torchvision one), or normalized in the vision tower's dtype"
         ),
     ] = "auto"
