@@ -153,13 +153,14 @@ class Ready(_Msg):
     #: without rescaling and normalizing (the engine does both on its device, exactly), or
     #: normalized in this dtype, the vision tower's. Either is the smallest exact form.
     pixel_dtype: Literal["float32", "bfloat16", "float16", "uint8"] = "float32"
-    #: uint8 patches of a still image may hold its one frame, not the temporal patch's copies
-    #: of it (the processor run with ``temporal_patch_size=1``): the engine repeats it on its
-    #: device, and every hop on the way carries half the bytes.
-    uint8_one_frame: bool = False
     image_token_id: int | None = None
     #: ``EngineConfig.scheduling_policy``: API servers refuse a nonzero priority under fcfs.
     scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
+    #: uint8 patches of a still image may hold its one frame, not the temporal patch's copies
+    #: of it (the processor run with ``temporal_patch_size=1``): the engine repeats it on its
+    #: device, and every hop on the way carries half the bytes. Last, as every field added to
+    #: an array-like struct: a peer of the release before decodes READY without it.
+    uint8_one_frame: bool = False
 
 
 class EngineLoad(_Msg, frozen=True):  # type: ignore[misc]

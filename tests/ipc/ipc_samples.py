@@ -73,8 +73,9 @@ def all_kinds() -> list[msgspec.Struct]:
             supports_generation=True,
             eos_token_ids=[151_645, 151_643],
             engine_pid=99,
-            pixel_dtype="bfloat16",
+            pixel_dtype="uint8",
             image_token_id=151_655,
+            uint8_one_frame=True,
         ),
         m.EngineRequest("chatcmpl-1", token_ids(1000), sampling=m.SamplingParams(max_tokens=1)),
         m.EngineRequest(

@@ -44,6 +44,22 @@ def test_round_trip_every_kind(msg: msgspec.Struct) -> None:
     assert_same(msg, _decoder_for(msg).decode([bytes(f) for f in frames]))
 
 
+def test_ready_decodes_across_the_field_added_last() -> None:
+    """A field added at the end of an array-like struct (READY's ``uint8_one_frame``): a peer
+    of the release before, whose READY lacks it or which knows no such field, still reads it."""
+    ready = next(msg for msg in all_kinds() if isinstance(msg, m.Ready))
+    assert msgspec.structs.fields(m.Ready)[-1].name == "uint8_one_frame"
+    body = msgspec.msgpack.decode(msgspec.msgpack.encode(ready))
+    older = msgspec.msgpack.encode(body[:-1])  # READY as the release before sent it
+    assert msgspec.msgpack.decode(older, type=m.Ready) == msgspec.structs.replace(
+        ready, uint8_one_frame=False
+    )
+    fields = [(f.name, f.type, f.default) for f in msgspec.structs.fields(m.Ready)[:-1]]
+    before = msgspec.defstruct("Ready", fields, bases=(m._Msg,))
+    got = msgspec.msgpack.decode(msgspec.msgpack.encode(ready), type=before)
+    assert got.image_token_id == ready.image_token_id and got.pixel_dtype == "uint8"
+
+
 def test_kind_must_match_socket_direction() -> None:
     hello = Encoder().encode(m.Hello(0, 1))
     outputs = Encoder().encode(m.OutputBatch([]))
