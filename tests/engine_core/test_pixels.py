@@ -155,47 +155,48 @@ def test_the_vision_tower_sees_the_same_input(
     assert torch.equal(encoded[0], encoded[1]) and torch.equal(encoded[0], encoded[2])
 
 
+def _small_photo(
+    encode: Callable[..., Any], processor: Any, kwargs: dict[str, Any]
+) -> tuple[Any, torch.Tensor]:
+    """An image request for a small real photo, and that photo's patches from the processor
+    run with ``kwargs``."""
+    image = PHOTOS[1].resize((224, 168))
+    request = image_request("u", encode("What is this?", [image]), processor.image_token_id)
+    raw = processor.image_processor(images=[image], return_tensors="pt", **kwargs)
+    return request, raw["pixel_values"]
+
+
+def _admitted(runner: Any, request: Any, pixels: torch.Tensor) -> str | None:
+    """The engine's verdict on ``request`` with ``pixels`` in place of its image's."""
+    item = msgspec.structs.replace(request.mm_items[0], pixel_values=pixels)
+    return admit(runner, msgspec.structs.replace(request, mm_items=[item]))
+
+
 def test_uint8_is_accepted_only_where_the_engine_normalizes(
     make_runner: Callable[..., Any], encode: Callable[..., Any], processor: Any
 ) -> None:
-    image = PHOTOS[1].resize((224, 168))
-    request = image_request("u", encode("What is this?", [image]), processor.image_token_id)
-    item = request.mm_items[0]
-    raw = processor.image_processor(images=[image], return_tensors="pt", **UINT8)
-    as_uint8 = msgspec.structs.replace(item, pixel_values=raw["pixel_values"])
-    uint8_request = msgspec.structs.replace(request, mm_items=[as_uint8])
-    assert admit(make_runner(), uint8_request) is None
-    error = admit(make_runner(pixel_transfer="normalized"), uint8_request)
+    request, pixels = _small_photo(encode, processor, UINT8)
+    assert _admitted(make_runner(), request, pixels) is None
+    error = _admitted(make_runner(pixel_transfer="normalized"), request, pixels)
     assert error == "pixel_values must be a floating-point tensor, not torch.uint8"
-    as_int16 = msgspec.structs.replace(item, pixel_values=raw["pixel_values"].to(torch.int16))
-    error = admit(make_runner(), msgspec.structs.replace(request, mm_items=[as_int16]))
+    error = _admitted(make_runner(), request, pixels.to(torch.int16))
     assert error == "pixel_values must be a uint8 or floating-point tensor, not torch.int16"
 
 
 def test_one_frame_rows_are_taken_as_uint8_only(
     make_runner: Callable[..., Any], encode: Callable[..., Any], processor: Any
 ) -> None:
-    image = PHOTOS[1].resize((224, 168))
-    request = image_request("f", encode("What is this?", [image]), processor.image_token_id)
-    item = request.mm_items[0]
-    one = processor.image_processor(images=[image], return_tensors="pt", **ONE_FRAME)
-    pixels = one["pixel_values"]
-    rows = pixels.shape[0]
-
-    def admitted(runner: Any, values: torch.Tensor) -> str | None:
-        replaced = msgspec.structs.replace(item, pixel_values=values)
-        return admit(runner, msgspec.structs.replace(request, mm_items=[replaced]))
-
-    runner = make_runner()
-    assert admitted(runner, pixels) is None
+    request, pixels = _small_photo(encode, processor, ONE_FRAME)
+    rows, grid = pixels.shape[0], request.mm_items[0].grid_thw
+    assert _admitted(make_runner(), request, pixels) is None
     # One frame in float (normalized pixels always hold the whole temporal patch)...
-    error = admitted(make_runner(), pixels.to(torch.float32))
-    assert error == f"pixel_values of shape ({rows}, 588) disagree with grid {item.grid_thw}: " + (
+    error = _admitted(make_runner(), request, pixels.to(torch.float32))
+    assert error == f"pixel_values of shape ({rows}, 588) disagree with grid {grid}: " + (
         f"expected ({rows}, 1176)"
     )
     # ...or a row of neither length.
-    error = admitted(make_runner(), pixels[:, :500].contiguous())
+    error = _admitted(make_runner(), request, pixels[:, :500].contiguous())
     assert error is not None and f"expected ({rows}, 1176) or ({rows}, 588)" in error
     # The engine that normalizes nothing takes no uint8 at all.
-    error = admitted(make_runner(pixel_transfer="normalized"), pixels)
+    error = _admitted(make_runner(pixel_transfer="normalized"), request, pixels)
     assert error == "pixel_values must be a floating-point tensor, not torch.uint8"
