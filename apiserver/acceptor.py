@@ -23,6 +23,7 @@ from typing import Any
 
 import uvicorn
 
+from apiserver.eager import start_task
 from apiserver.spread import Balancer
 
 log = logging.getLogger(__name__)
@@ -157,7 +158,8 @@ class Acceptor:
 
     def _serve(self, conn: socket.socket) -> None:
         self._balancer.connection_opened()
-        task = self._loop.create_task(self._loop.connect_accepted_socket(self._factory, conn))
+        # Eager: the transport exists (and reads) from this iteration on, not the next one.
+        task = start_task(self._loop, self._loop.connect_accepted_socket(self._factory, conn))
         self._connecting.add(task)
         task.add_done_callback(functools.partial(self._connected, conn))
 

@@ -1,6 +1,6 @@
 """Bounded reads on every HTTP connection: uvicorn's httptools protocol with the limits it lacks.
 
-What uvicorn (0.34 to 0.54) offers with httptools, and where it falls short:
+What uvicorn (0.45 to 0.55) offers with httptools, and where it falls short:
 
 - ``timeout_keep_alive`` closes a connection idle *between* requests; nothing bounds the time
   before the first request, or the time a request's line, headers or body may take, so a
@@ -22,7 +22,10 @@ So this protocol (a subclass; the parsing itself stays uvicorn's):
   late after its response was sent, or a connection that never sent a byte, is just closed);
 - sheds connections past ``max_connections``: 503 with ``Retry-After`` at once, then closes;
 - answers every error of its own, and uvicorn's "invalid HTTP request", with an OpenAI error
-  object.
+  object;
+- starts each request's handler eagerly (``apiserver.eager``) once the head's limits are armed,
+  inside the read that completed the head, instead of on the loop's next iteration; a
+  pipelined request waits for the one before it as in uvicorn.
 
 A refused connection is closed after a short linger that reads and drops what the client is
 still sending, so the client reads the answer instead of a reset; so is a connection that
@@ -44,6 +47,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from apiserver import metrics
 from apiserver.config import ServerConfig
+from apiserver.eager import start_task
 from apiserver.errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -160,6 +164,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._is_closing = False
         self._slice = min(BODY_SLICE_BYTES, self.limits.max_header_bytes // 4)
+        self._in_headers_complete = False
+        self._held: tuple[Any, Any] | None = None  # the request uvicorn would start now
 
     # -- connection ------------------------------------------------------------------------
 
@@ -205,7 +211,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._arm(self.limits.header_timeout_s, self._head_timed_out)
 
     def on_headers_complete(self) -> None:
-        super().on_headers_complete()
+        self._in_headers_complete = True
+        try:
+            super().on_headers_complete()
+        finally:
+            self._in_headers_complete = False
         self._num_heads += 1
         self._in_head = False
         self._head_fed = 0
@@ -222,6 +232,20 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 self.cycle.transport = _LingeringTransport(self)  # type: ignore[assignment]
         else:
             self._disarm()
+        if self._held is not None:
+            cycle, app = self._held
+            self._held = None
+            task = start_task(self.loop, cycle.run_asgi(app))
+            task.add_done_callback(self.tasks.discard)
+            self.tasks.add(task)
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        # (uvicorn's opt-in reset_contextvars, which fanin leaves off, applies to pipelined
+        # requests only.)
+        if self._in_headers_complete:  # started eagerly by on_headers_complete, once armed
+            self._held = (cycle, app)
+        else:  # a pipelined request, once the one before it is answered
+            super()._start_asgi_task(cycle, app)
 
     def on_body(self, body: bytes) -> None:
         if self._body_left is not None:
