@@ -24,7 +24,7 @@ import uvicorn
 import uvloop
 from uvicorn.server import ServerState
 
-from apiserver.acceptor import Acceptor
+from apiserver.acceptor import Acceptor, counted_protocol
 from apiserver.http_guard import HttpLimits, guarded_protocol
 from apiserver.load_table import LoadTable
 from apiserver.spread import Balancer
@@ -54,19 +54,31 @@ async def _ok(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"ok"})
 
 
+def serve_accepting(
+    listener: socket.socket,
+    app: Any,
+    limits: HttpLimits,
+    acceptor_class: type[Acceptor] = Acceptor,
+) -> tuple[Acceptor, ServerState]:
+    """An API server's accept path alone, on the running loop: ``app`` behind the guarded
+    protocol, counted for the spread and accepted from ``listener`` as ``apiserver.server``
+    wires them (no lifespan); returns the acceptor and the server state that holds the
+    open connections."""
+    config = uvicorn.Config(app, http=guarded_protocol(limits), lifespan="off", log_config=None)
+    config.load()
+    server = uvicorn.Server(config)
+    server.lifespan = config.lifespan_class(config)  # as Server._serve sets it
+    balancer = Balancer(LoadTable.private(), 0, limits.max_connections)
+    acceptor = acceptor_class(listener, counted_protocol(config, server, balancer), balancer)
+    acceptor.start()
+    return acceptor, server.server_state
+
+
 async def _measure(burn_s: float, probes: int) -> list[float]:
     loop = asyncio.get_running_loop()
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
-    config = uvicorn.Config(_ok, http=guarded_protocol(_LIMITS), lifespan="off", log_config=None)
-    config.load()
-    state = ServerState()
-
-    def factory() -> asyncio.Protocol:
-        return config.http_protocol_class(config=config, server_state=state, app_state={})
-
-    acceptor = Acceptor(listener, factory, Balancer(LoadTable.private(), 0, 64))
-    acceptor.start()
+    acceptor, state = serve_accepting(listener, _ok, _LIMITS)
     burning = True
 
     def burn() -> None:

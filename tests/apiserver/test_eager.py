@@ -12,14 +12,11 @@ import socket
 import sys
 from typing import Any
 
-import uvicorn
 import uvloop
-from uvicorn.server import ServerState
 
 from apiserver.acceptor import Acceptor
-from apiserver.http_guard import HttpLimits, guarded_protocol
-from apiserver.load_table import LoadTable
-from apiserver.spread import Balancer
+from apiserver.http_guard import HttpLimits
+from bench.loop_hops import serve_accepting
 
 LIMITS = HttpLimits(
     max_header_bytes=8192, header_timeout_s=30, body_timeout_s=30, max_connections=8
@@ -58,23 +55,12 @@ def test_a_waiting_request_is_answered_in_the_iteration_after_its_accept() -> No
                 marks["accepted"] = iteration
                 super()._serve(conn)
 
-        config = uvicorn.Config(app, http=guarded_protocol(LIMITS), lifespan="off", log_config=None)
-        config.load()
-        protocols: list[Any] = []
-
-        def factory() -> Any:
-            protocols.append(
-                config.http_protocol_class(config=config, server_state=ServerState(), app_state={})
-            )
-            return protocols[-1]
-
-        balancer = Balancer(LoadTable.private(), 0, LIMITS.max_connections)
         tick()
-        acceptor = Noted(listener, factory, balancer)
-        acceptor.start()
+        acceptor, state = serve_accepting(listener, app, LIMITS, Noted)
         await asyncio.wait_for(answered.wait(), 10)
         acceptor.close()
-        protocols[0].transport.close()
+        for protocol in list(state.connections):
+            protocol.transport.close()
         await asyncio.sleep(0.01)  # the transport's close completes
 
     loop = uvloop.new_event_loop()
